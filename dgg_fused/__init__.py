@@ -1,0 +1,26 @@
+"""dgg_fused: Dynamic Gradient Gating (DGG) for sample-efficient RLVR rollout reuse, as a drop-in optimizer wrapper.
+
+    from dgg_fused import GatedOptimizer
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head)
+"""
+
+from .config import REFERENCES, STATISTICS, GateConfig
+from .lm_head import TiedLmHeadWarning, find_lm_head, is_tied
+from .ops import available_backends, grad_sumsq
+from .optimizer import SKIP_MODES, GatedOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GatedOptimizer",
+    "GateConfig",
+    "STATISTICS",
+    "REFERENCES",
+    "SKIP_MODES",
+    "find_lm_head",
+    "is_tied",
+    "TiedLmHeadWarning",
+    "grad_sumsq",
+    "available_backends",
+    "__version__",
+]
