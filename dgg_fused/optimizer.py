@@ -283,10 +283,15 @@ class GatedOptimizer(torch.optim.Optimizer):
         GradScaler's scale tensor) divides the energy by ``grad_scale**2`` when the gradients are still scaled.
         Returns the 0-d float32 energy (device tensor, no sync). :meth:`zero_grad` discards it.
         """
+        e = self._measure_energy(grad_scale)
+        self._pending_energy = e
+        return e
+
+    def _measure_energy(self, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The one place the lm_head energy is computed: 0-d float32 on the gradients' device, no sync."""
         e = grad_sumsq(self._lm_head_grads(), backend=self.backend)
         if grad_scale is not None:
             e = e / grad_scale.to(device=e.device, dtype=torch.float32).square()
-        self._pending_energy = e
         return e
 
     # ------------------------------------------------------------------ the step
@@ -312,9 +317,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         if self._pending_energy is not None:
             energy = self._pending_energy
         else:
-            energy = grad_sumsq(self._lm_head_grads(), backend=self.backend)
-            if scaler_scale is not None:
-                energy = energy / scaler_scale.to(device=energy.device, dtype=torch.float32).square()
+            energy = self._measure_energy(scaler_scale)
         self._pending_energy = None
         if energy.device != self._gate.skip.device:
             self._gate.to(energy.device)
