@@ -1,0 +1,53 @@
+"""GatedOptimizer on CUDA: no host sync under torch's sync debug mode, exact skip, async reuse_stopped.
+
+Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -m gpu tests/`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgg_fused import GateConfig, GatedOptimizer
+from helpers import assert_bit_identical, batch, loss_fn, make_model, snapshot
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+TRIP = GateConfig(window=3, tau=5.0)
+
+
+def _cuda_batch(seed):
+    ids, tgt = batch(seed)
+    return ids.cuda(), tgt.cuda()
+
+
+@pytest.mark.parametrize("make_inner", [
+    lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True),
+    lambda p: torch.optim.Adam(p, lr=1e-2, fused=True, capturable=True),
+])
+def test_step_is_sync_free_and_exact_on_cuda(make_inner):
+    model = make_model().cuda()
+    opt = GatedOptimizer(make_inner(model.parameters()), lm_head=model.lm_head, config=TRIP)
+    for b in range(3):
+        opt.set_reuse_index(1)
+        loss_fn(model, _cuda_batch(b)).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    opt.set_reuse_index(2)
+    loss_fn(model, _cuda_batch(10), scale=1e3).backward()
+    before = snapshot(model, opt)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()  # gated
+        opt.set_reuse_index(3)
+        opt.step()  # stopped batch
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_bit_identical(before, snapshot(model, opt), "gated CUDA step")
+    assert opt.poll_reuse_stopped(block=True)
+    m = opt.get_metrics()
+    assert m["gated"] == 1.0 and m["stopped_batches"] == 1 and m["gated_steps"] == 2
