@@ -1,0 +1,356 @@
+"""Shared helpers of the benchmark suites: shapes and their CPU scaling, timing, host-sync and launch counting.
+
+Benchmarks are not tests: nothing here asserts a timing. Knobs (environment variables, all optional):
+
+* ``DGG_BENCH_DEVICE``: ``cuda`` or ``cpu`` (default: ``cuda`` when available, else ``cpu``).
+* ``DGG_BENCH_SMOKE=1``: tiny shapes and one round everywhere (what ``tests/test_benchmarks_smoke.py`` uses).
+* ``DGG_BENCH_CPU_ELEMS``: element budget of one scaled lm_head on CPU (default ``2**25``, see :func:`lm_head_shape`).
+* ``DGG_BENCH_FULL=1``: the real lm_head shapes on CPU too (about 2 GB per fp32 tensor; slow).
+* ``DGG_BENCH_STEP_PARAMS``: parameter count of the optimizer-step sets (default ``2**25`` CPU, ``2**30`` CUDA).
+* ``DGG_BENCH_ROUNDS``: timed rounds of each optimizer-step benchmark, and A/B pairs of the paired ratio (15).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import platform
+import statistics
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+SMOKE = _env_flag("DGG_BENCH_SMOKE")
+
+
+def bench_device() -> torch.device:
+    want = os.environ.get("DGG_BENCH_DEVICE", "").strip().lower()
+    if want in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want not in ("cpu", "cuda"):
+        raise ValueError(f"DGG_BENCH_DEVICE must be 'cpu' or 'cuda', got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DGG_BENCH_DEVICE=cuda but torch.cuda.is_available() is False")
+    return torch.device(want)
+
+
+DEVICE = bench_device()
+IS_CUDA = DEVICE.type == "cuda"
+NO_CUDA_REASON = "no CUDA device in this process (the GPU parts of the suite need one)"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+#: lm_head (vocab x hidden) of real models. Qwen2.5-0.5B ties it to the input embedding.
+LM_HEADS = {
+    "Qwen2.5-7B": (152064, 3584),
+    "Llama-3-8B": (128256, 4096),
+    "Qwen2.5-0.5B": (151936, 896),
+}
+
+CPU_ELEMS = int(os.environ.get("DGG_BENCH_CPU_ELEMS", str(2**25)))
+
+
+def lm_head_shape(model: str) -> tuple[tuple[int, int], str]:
+    """The lm_head shape benchmarked for ``model`` on this device, and how it was scaled (a sentence).
+
+    On CUDA: the real shape. On CPU: the vocabulary (rows) is divided by the power of two that brings the matrix
+    closest to ``DGG_BENCH_CPU_ELEMS`` elements (2**25 by default: 128 MiB in fp32, 64 MiB in bf16/fp16, 2-4x the
+    32 MiB L3 of the reference machine, so every read streams from DRAM); the hidden size is kept.
+    """
+    rows, cols = LM_HEADS[model]
+    if SMOKE:
+        return (max(rows // 4096, 2), max(cols // 64, 2)), "smoke: rows/4096, cols/64"
+    if IS_CUDA or _env_flag("DGG_BENCH_FULL"):
+        return (rows, cols), "full size"
+    k = max(0, round(math.log2(rows * cols / CPU_ELEMS)))
+    return (rows >> k, cols), f"rows/{2**k} (hidden kept)"
+
+
+def make_grad(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A gradient-like tensor (N(0, 0.01^2)) of ``shape``/``dtype`` on the bench device, made in chunks."""
+    g = torch.empty(shape, dtype=dtype, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    flat = g.view(-1)
+    step = 1 << 24
+    for i in range(0, flat.numel(), step):
+        chunk = flat[i : i + step]
+        chunk.copy_(torch.randn(chunk.shape, generator=gen, device=DEVICE, dtype=torch.float32).mul_(0.01))
+    return g
+
+
+def as_fp32_bytes(g: torch.Tensor) -> torch.Tensor:
+    """The bytes of contiguous ``g`` reinterpreted as float32 (no copy): what the read roofline sums."""
+    b = g.contiguous().view(-1).view(torch.uint8)
+    n = b.numel() // 4 * 4
+    return b[:n].view(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+def sync() -> None:
+    if IS_CUDA:
+        torch.cuda.synchronize()
+
+
+class DeviceTimed:
+    """Wrap ``fn`` for pytest-benchmark: on CUDA, synchronize inside the timed call and also time it with CUDA
+    events (``event_median_s``); on CPU, just call it."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+        self.event_s: list[float] = []
+
+    def __call__(self) -> None:
+        if IS_CUDA:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.fn()
+            end.record()
+            end.synchronize()
+            self.event_s.append(start.elapsed_time(end) / 1e3)
+        else:
+            self.fn()
+
+    def reset(self) -> None:
+        self.event_s.clear()
+
+    def event_median_s(self) -> float | None:
+        return statistics.median(self.event_s) if self.event_s else None
+
+
+class CacheFlusher:
+    """Writes a buffer larger than the last-level cache, so the next timed call starts cold (as after backward)."""
+
+    def __init__(self, nbytes: int | None = None) -> None:
+        if nbytes is None:
+            nbytes = 1 << (12 if SMOKE else (28 if IS_CUDA else 26))  # 256 MiB > H100 L2; 64 MiB = 2x CPU L3
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+        self.nbytes = nbytes
+
+    def __call__(self) -> None:
+        self.buf.fill_(1)
+        sync()
+
+
+def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int, setup: Callable[[], object]) -> dict:
+    """Time ``fa`` and ``fb`` alternately (ABBA order, ``setup`` before each call) and summarise ``t_b / t_a``.
+
+    Pairs taken seconds apart see the same machine load, so their ratio is much steadier than the ratio of two
+    medians measured minutes apart on a shared box. Returns the median ratio and its inter-quartile range.
+    """
+    import time
+
+    ta, tb = [], []
+    for i in range(pairs):
+        order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
+        for f, acc in order:
+            setup()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            acc.append(time.perf_counter() - t0)
+    r = sorted(b / a for a, b in zip(ta, tb))
+    q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0]] * 3
+    return {
+        "paired_ratio_median": statistics.median(r),
+        "paired_ratio_q1": q[0],
+        "paired_ratio_q3": q[2],
+        "paired_pairs": pairs,
+        "paired_a_median_s": statistics.median(ta),
+        "paired_b_median_s": statistics.median(tb),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- host syncs
+
+_SYNC_OPS = {
+    aten._local_scalar_dense.default,  # .item(), bool(t), float(t), int(t), `if t:`
+    aten.nonzero.default,
+    aten.equal.default,
+    aten.masked_select.default,
+}
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the ops of a region that make the host wait for a value computed on ``device``.
+
+    ``aten._local_scalar_dense`` (what ``.item()``, ``bool()``, ``float()`` dispatch to), ``nonzero``, ``equal``,
+    ``masked_select``, and blocking device-to-host copies (``.cpu()``, ``.tolist()`` on CUDA). On a CPU run every
+    such op on a CPU tensor is counted: it is the op that would stall the pipeline on a GPU.
+    """
+
+    def __init__(self, device: torch.device = DEVICE) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def _on_device(self, args, kwargs) -> bool:
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.device.type == self.device.type:
+                return True
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNC_OPS and self._on_device(args, kwargs):
+            self.counts[str(func.overloadpacket.__name__)] += 1
+        elif self.device.type != "cpu":
+            if func is aten._to_copy.default and isinstance(args[0], torch.Tensor):
+                dst = kwargs.get("device")
+                if args[0].device.type == self.device.type and dst is not None and torch.device(dst).type == "cpu":
+                    if not kwargs.get("non_blocking", False):
+                        self.counts["d2h_copy"] += 1
+            elif func is aten.copy_.default:
+                dst, src = args[0], args[1]
+                nb = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+                if src.device.type == self.device.type and dst.device.type == "cpu" and not nb:
+                    self.counts["d2h_copy"] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def count_host_syncs(step: Callable[[], object], steps: int = 2) -> tuple[float, dict[str, int]]:
+    """Host syncs per call of ``step`` (averaged over ``steps`` calls) and the per-op breakdown."""
+    with HostSyncCounter() as c:
+        for _ in range(steps):
+            step()
+    return c.total / steps, dict(c.counts)
+
+
+def count_cuda_sync_warnings(step: Callable[[], object], steps: int = 2) -> float | None:
+    """On CUDA, the synchronisations torch's sync debug mode reports per call (catches syncs inside C++ too)."""
+    if not IS_CUDA:
+        return None
+    import warnings
+
+    sync()
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    sync()
+    return sum("synchroniz" in str(x.message).lower() for x in w) / steps
+
+
+def count_cuda_launches(step: Callable[[], object], steps: int = 5) -> dict[str, float] | None:
+    """Kernels and memcpy/memset operations per call of ``step``, from torch.profiler (CUDA only)."""
+    if not IS_CUDA:
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    kernels = copies = 0
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        if name.startswith("memcpy") or name.startswith("memset"):
+            copies += 1
+        else:
+            kernels += 1
+    return {"kernels": kernels / steps, "memcpy_memset": copies / steps}
+
+
+# ---------------------------------------------------------------------------------------------------- machine
+
+#: Nominal memory bandwidth (bytes/s) of common cards, matched against torch.cuda.get_device_name().
+_NOMINAL_BW = [
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM5 (HBM3), reported as "NVIDIA H100 80GB HBM3"
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+]
+
+
+def nominal_bandwidth() -> tuple[float | None, str]:
+    """The card's nominal DRAM bandwidth in bytes/s and where the number came from (None off CUDA)."""
+    if not IS_CUDA:
+        return None, "cpu"
+    name = torch.cuda.get_device_name(DEVICE)
+    for key, bw in _NOMINAL_BW:
+        if key in name:
+            return bw, f"datasheet ({key})"
+    p = torch.cuda.get_device_properties(DEVICE)
+    clk, bus = getattr(p, "memory_clock_rate", 0), getattr(p, "memory_bus_width", 0)
+    if clk and bus:
+        return 2.0 * clk * 1e3 * bus / 8, "device properties (2 x memory clock x bus width)"
+    return None, "unknown card"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:  # triton is optional (and absent on some CPU installs)
+        tv = None
+    try:
+        import dgg_fused
+
+        dv = dgg_fused.__version__
+    except Exception:
+        dv = None
+    return {"torch": torch.__version__, "triton": tv, "dgg_fused": dv, "python": platform.python_version()}
+
+
+def common_extra_info() -> dict:
+    """What every benchmark records beside its timing: device, versions, threads, load, scaling mode."""
+    info = {
+        "device": str(DEVICE),
+        "device_name": torch.cuda.get_device_name(DEVICE) if IS_CUDA else cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg": loadavg(),
+        "smoke": SMOKE,
+    }
+    info.update(versions())
+    return info

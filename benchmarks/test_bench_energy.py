@@ -1,0 +1,117 @@
+"""Energy-op bandwidth: ``dgg_fused.ops.grad_sumsq`` per backend and dtype vs torch's norms and the read roofline.
+
+One group per (lm_head shape, dtype). In every group:
+
+* ``roofline``: a plain ``sum()`` over the very same bytes, reinterpreted as float32 — the fastest read torch has,
+  measured in the same run. The report divides every other row's GB/s by it.
+* ``ours[<backend>]``: ``grad_sumsq([g], backend=...)`` for each of ``dgg_fused.available_backends()``.
+* ``vector_norm``: ``torch.linalg.vector_norm(g, dtype=torch.float32)``.
+* ``_foreach_norm``: ``torch._foreach_norm([g])`` (returns the input dtype: a bf16/fp16 norm).
+* ``get_total_norm``: ``torch.nn.utils.get_total_norm([g])`` (what ``clip_grad_norm_`` uses; input dtype too).
+* ``naive``: ``g.float().pow(2).sum()``, the energy a user would write.
+
+GB/s counts the bytes of ``g`` read once. Run: ``pytest benchmarks/ --benchmark-only`` (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import dgg_fused
+from dgg_fused.ops import grad_sumsq
+
+from _common import (
+    DEVICE,
+    DTYPES,
+    IS_CUDA,
+    LM_HEADS,
+    DeviceTimed,
+    as_fp32_bytes,
+    common_extra_info,
+    lm_head_shape,
+    make_grad,
+    nominal_bandwidth,
+    sync,
+)
+
+BACKENDS = dgg_fused.available_backends()
+
+BASELINES = {
+    "vector_norm": lambda g: torch.linalg.vector_norm(g, dtype=torch.float32),
+    "_foreach_norm": lambda g: torch._foreach_norm([g])[0],
+    "get_total_norm": lambda g: torch.nn.utils.get_total_norm([g]),
+    "naive": lambda g: g.float().pow(2).sum(),
+}
+
+METHODS = ["roofline"] + [f"ours[{b}]" for b in BACKENDS] + list(BASELINES)
+
+# One flat parametrization in the order we want to run: all methods of one (shape, dtype) back to back, so the
+# gradient is built once per group (cache of one, below) and the roofline is measured next to its rivals.
+CASES = [(m, d, meth) for m in LM_HEADS for d in DTYPES for meth in METHODS]
+
+
+@functools.lru_cache(maxsize=1)
+def _grad(model: str, dtype_name: str) -> torch.Tensor:
+    shape, _ = lm_head_shape(model)
+    return make_grad(shape, DTYPES[dtype_name])
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_unusable(backend: str) -> str | None:
+    """Why ``backend`` cannot run on the bench device (None if it can): e.g. Triton on a CPU tensor."""
+    probe = torch.ones(8, device=DEVICE)
+    try:
+        grad_sumsq([probe], backend=backend)
+        sync()
+    except Exception as exc:  # each backend raises its own "wrong device" error
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _fn(method: str, g: torch.Tensor):
+    if method == "roofline":
+        flat = as_fp32_bytes(g)
+        return lambda: flat.sum()
+    if method.startswith("ours["):
+        backend = method[len("ours[") : -1]
+        return lambda: grad_sumsq([g], backend=backend)
+    f = BASELINES[method]
+    return lambda: f(g)
+
+
+@pytest.mark.parametrize(("model", "dtype_name", "method"), CASES, ids=[f"{m}-{d}-{x}" for m, d, x in CASES])
+def test_energy_bandwidth(benchmark, model: str, dtype_name: str, method: str) -> None:
+    if method.startswith("ours["):
+        why = _backend_unusable(method[len("ours[") : -1])
+        if why:
+            pytest.skip(f"{method} cannot run on {DEVICE}: {why}")
+    g = _grad(model, dtype_name)
+    shape, scaling = lm_head_shape(model)
+    fn = _fn(method, g)
+    out = fn()  # warm-up (allocator, lazy init, extension load), outside the timing
+    out = fn()
+    sync()
+    timed = DeviceTimed(fn)
+    benchmark.group = f"energy {model} {tuple(shape)} {dtype_name}"
+    bw, bw_src = nominal_bandwidth()
+    benchmark.extra_info.update(common_extra_info())
+    benchmark.extra_info.update(
+        suite="energy",
+        model=model,
+        shape=list(shape),
+        full_shape=list(LM_HEADS[model]),
+        scaling=scaling,
+        dtype=dtype_name,
+        method=method,
+        role="roofline" if method == "roofline" else ("ours" if method.startswith("ours[") else "baseline"),
+        bytes=g.numel() * g.element_size(),
+        result_dtype=str(out.dtype).replace("torch.", ""),
+        nominal_bandwidth=bw,
+        nominal_bandwidth_source=bw_src,
+    )
+    benchmark(timed)
+    if IS_CUDA:
+        benchmark.extra_info["event_median_s"] = timed.event_median_s()
