@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import GateConfig
 from .gate import CNT_GATED_STEPS, CNT_STEPS, CNT_STOPPED_BATCHES, GateState, gate_step_
-from .ops import grad_sumsq
+from .distributed import global_grad_sumsq
 
 __all__ = ["GatedOptimizer", "SKIP_MODES"]
 
@@ -148,6 +148,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self.config = config
         self.skip_mode = skip_mode
         self.backend = backend
+        self.energy_group = None  # process group of a hand-sharded (vocab-parallel) lm_head; see dgg_fused.distributed
         self._lm_head = params
         device = params[0].device
         self._gate = GateState.create(config.window, device)
@@ -289,7 +290,8 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     def _measure_energy(self, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The one place the lm_head energy is computed: 0-d float32 on the gradients' device, no sync."""
-        e = grad_sumsq(self._lm_head_grads(), backend=self.backend)
+        # DTensor (FSDP2 / TP) shards and energy_group shards are all-reduced; otherwise exactly grad_sumsq.
+        e = global_grad_sumsq(self._lm_head_grads(), backend=self.backend, group=self.energy_group)
         if grad_scale is not None:
             e = e / grad_scale.to(device=e.device, dtype=torch.float32).square()
         return e
