@@ -97,7 +97,7 @@ def energy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]
                 cells.append("skipped")
                 continue
             bw = _gbps(b["extra_info"]["bytes"], seconds(b))
-            frac = bw / roof_bw if roof_bw else None
+            frac = b["extra_info"].get("paired_roofline_frac") or (bw / roof_bw if roof_bw else None)
             txt = f"{bw:.2f} ({_pct(frac)})"
             if nominal:
                 txt += f" [{_pct(bw * 1e9 / nominal)} nom.]"
@@ -108,8 +108,9 @@ def energy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]
             facts.append({"model": model, "dtype": dtype, "method": m, "gbps": bw, "roofline_frac": frac,
                           "nominal_frac": bw * 1e9 / nominal if nominal else None, "device": anyb.get("device")})
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("GB/s = bytes of the gradient read once / median time; (%) = fraction of the read roofline of the same "
-            "row (`sum()` of the same bytes viewed as fp32, same run)"
+    note = ("GB/s = bytes of the gradient read once / median time. (%) = fraction of the read roofline (`sum()` of "
+            "the same bytes viewed as fp32, same run), from paired timings: the method and the roofline alternate, "
+            "median of the per-pair ratios"
             + ("; [nom.] = fraction of the card's nominal bandwidth" if any_nominal else "")
             + ". `→bfloat16` etc.: the result comes back in the input dtype.")
     return "\n".join(lines) + "\n\n" + note, facts
