@@ -1,0 +1,181 @@
+"""GRPO pieces: batched sampling, per-token log-probs, group-normalised advantages and the PPO-clip loss.
+
+These are the textbook definitions (DeepSeekMath's GRPO, as TRL implements it), kept small enough to check by
+hand — ``tests/test_grpo.py`` does.
+
+* advantage of sample i in its group: ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``, with the unbiased
+  standard deviation (``torch.std``, as TRL); a group whose rewards are all equal gets ``A = 0``.
+* per-token ratio ``rho_t = exp(logp_t - logp_old_t)`` against the log-probs recorded at rollout time;
+  per-token objective ``min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)``; the loss is minus its mean over each
+  completion's tokens, averaged over the completions of the mini-batch (GRPO's sequence-level mean).
+* approximate KL between the rollout policy and the current one, the "k3" estimator
+  ``mean((rho - 1) - log rho)`` over completion tokens (what PPO implementations compare with ``target_kl``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Rollouts",
+    "encode_prompts",
+    "generate",
+    "completion_logprobs",
+    "group_advantages",
+    "ppo_clip_loss",
+    "decode_completions",
+]
+
+
+@dataclass
+class Rollouts:
+    """One rollout batch: ``N = prompts x group`` completions of ``T`` tokens after left-padded prompts of ``P``."""
+
+    prompt_ids: torch.Tensor  # [N, P] long, left padded
+    prompt_mask: torch.Tensor  # [N, P] long
+    comp_ids: torch.Tensor  # [N, T] long (pad after EOS)
+    comp_mask: torch.Tensor  # [N, T] float, 1 on generated tokens up to and including EOS
+    old_logp: torch.Tensor  # [N, T] float, log-probs at rollout time
+    rewards: torch.Tensor  # [N] float
+    advantages: torch.Tensor  # [N] float
+
+    def __len__(self) -> int:
+        return self.comp_ids.shape[0]
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` for a list of prompts."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _hidden(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    *,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (or greedily decode) up to ``max_new_tokens`` tokens per prompt; stop a row at EOS.
+
+    Returns ``(comp_ids [N, T], comp_mask [N, T] float)``; tokens after a row's EOS are ``pad_id`` with mask 0.
+    Only the last position's logits are computed (the lm_head is the big matrix here).
+    """
+    n = prompt_ids.shape[0]
+    ids, mask = prompt_ids, prompt_mask
+    toks, live_cols = [], []
+    alive = torch.ones(n, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        h = _hidden(model, ids, mask)[:, -1]
+        logits = model.lm_head(h).float()
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+        toks.append(nxt)
+        live_cols.append(alive.clone())
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+        alive = alive & (nxt != eos_id)
+        if not bool(alive.any()):
+            break
+    comp = torch.stack(toks, dim=1)
+    cmask = torch.stack(live_cols, dim=1).float()
+    if comp.shape[1] < max_new_tokens:  # pad to the fixed width T so batches stack
+        extra = max_new_tokens - comp.shape[1]
+        comp = torch.cat([comp, torch.full((n, extra), pad_id, dtype=comp.dtype)], dim=1)
+        cmask = torch.cat([cmask, torch.zeros(n, extra)], dim=1)
+    return comp, cmask
+
+
+def completion_logprobs(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comp_ids: torch.Tensor, comp_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-token log-probs ``[N, T]`` of ``comp_ids`` under ``model`` (differentiable); 0 where masked."""
+    p = prompt_ids.shape[1]
+    t = comp_ids.shape[1]
+    ids = torch.cat([prompt_ids, comp_ids], dim=1)
+    mask = torch.cat([prompt_mask, comp_mask.long()], dim=1)
+    h = _hidden(model, ids, mask)[:, p - 1 : p + t - 1]
+    logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)
+    out = logp.gather(-1, comp_ids[..., None]).squeeze(-1)
+    return out * comp_mask
+
+
+def decode_completions(tokenizer, comp_ids: torch.Tensor, comp_mask: torch.Tensor, eos_id: int) -> list[str]:
+    """Completions as space-separated words, without the EOS (what a task's ``verify`` receives)."""
+    out = []
+    for row, m in zip(comp_ids.tolist(), comp_mask.tolist()):
+        words = []
+        for tok, keep in zip(row, m):
+            if not keep or tok == eos_id:
+                break
+            words.append(tok)
+        out.append(" ".join(tokenizer.convert_ids_to_tokens(words)))
+    return out
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages: rewards normalised within consecutive groups of ``group_size`` (unbiased std)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    return ((r - mean) / (std + eps)).view(-1)
+
+
+def ppo_clip_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's clipped surrogate loss for one mini-batch, plus diagnostics (detached).
+
+    Args:
+        logp, old_logp: ``[B, T]`` per-token log-probs now and at rollout time.
+        advantages: ``[B]``.
+        mask: ``[B, T]`` float, 1 on completion tokens.
+
+    Returns:
+        ``(loss, {"approx_kl", "clipfrac", "ratio_mean"})``.
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]
+    s1 = ratio * adv
+    s2 = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    tok = -torch.minimum(s1, s2)
+    ntok = mask.sum(dim=1).clamp(min=1.0)
+    loss = ((tok * mask).sum(dim=1) / ntok).mean()
+    with torch.no_grad():
+        denom = mask.sum().clamp(min=1.0)
+        lr_ = log_ratio.detach()
+        r_ = ratio.detach()
+        stats = {
+            "approx_kl": (((r_ - 1.0) - lr_) * mask).sum() / denom,
+            "clipfrac": (((r_ - 1.0).abs() > clip_eps).float() * mask).sum() / denom,
+            "ratio_mean": (r_ * mask).sum() / denom,
+        }
+    return loss, stats
