@@ -98,6 +98,29 @@ def as_fp32_bytes(g: torch.Tensor) -> torch.Tensor:
     return b[:n].view(torch.float32)
 
 
+# ---------------------------------------------------------------------------------------------------- backends
+
+_UNUSABLE: dict[str, str | None] = {}
+
+
+def backend_unusable(backend: str) -> str | None:
+    """Why the energy ``backend`` cannot be benchmarked on the bench device (None if it can)."""
+    if backend not in _UNUSABLE:
+        from dgg_fused.ops import grad_sumsq
+
+        why = None
+        if backend == "triton" and not IS_CUDA:
+            why = "Triton kernels run on GPUs (on CPU only under TRITON_INTERPRET=1, a debugging interpreter)"
+        else:
+            try:
+                grad_sumsq([torch.ones(8, device=DEVICE)], backend=backend)
+                sync()
+            except Exception as exc:  # each backend raises its own "wrong device" error
+                why = f"{type(exc).__name__}: {exc}"
+        _UNUSABLE[backend] = why
+    return _UNUSABLE[backend]
+
+
 # ---------------------------------------------------------------------------------------------------- timing
 
 

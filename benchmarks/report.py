@@ -3,7 +3,7 @@
     python -m pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
     python benchmarks/report.py bench.json            # prints markdown; --out FILE writes it
 
-Without an argument it reads the newest JSON under ``.benchmarks/`` (pytest-benchmark's ``--benchmark-autosave``).
+``--save-compact FILE`` also writes the fields the report needs (small, for docs/). Without an argument it reads the newest JSON under ``.benchmarks/`` (pytest-benchmark's ``--benchmark-autosave``).
 The same table is printed at the end of every ``pytest benchmarks/ --benchmark-only`` run (benchmarks/conftest.py).
 All ratios are taken between rows of the same run; times are medians (CUDA-event medians on GPU).
 """
@@ -256,6 +256,31 @@ def render(data: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def compact(data: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a pytest-benchmark JSON the report needs (small enough to commit under docs/)."""
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {})
+    keep_stats = ("min", "max", "mean", "median", "iqr", "stddev", "rounds")
+    return {
+        "datetime": data.get("datetime"),
+        "version": data.get("version"),
+        "machine_info": {
+            "python_version": mi.get("python_version"),
+            "cpu": {k: cpu.get(k) for k in ("brand_raw", "count", "arch", "l3_cache_size") if k in cpu},
+            "dgg_fused": mi.get("dgg_fused", {}),
+        },
+        "benchmarks": [
+            {
+                "group": b.get("group"),
+                "name": b.get("name"),
+                "stats": {k: b["stats"][k] for k in keep_stats if k in b["stats"]},
+                "extra_info": b.get("extra_info", {}),
+            }
+            for b in data.get("benchmarks", [])
+        ],
+    }
+
+
 def _newest_json() -> Path:
     files = sorted(Path(".benchmarks").rglob("*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
@@ -268,9 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", nargs="?", type=Path, help="pytest-benchmark JSON (default: newest under .benchmarks/)")
     ap.add_argument("--out", type=Path, help="write the markdown here instead of stdout")
+    ap.add_argument("--save-compact", type=Path, metavar="FILE",
+                    help="also write the fields the report uses to FILE (e.g. docs/benchmarks-cpu.json)")
     args = ap.parse_args(argv)
     path = args.json or _newest_json()
-    text = render(json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    text = render(data)
+    if args.save_compact:
+        args.save_compact.write_text(json.dumps(compact(data), indent=1, sort_keys=True) + "\n")
     if args.out:
         args.out.write_text(text)
     else:

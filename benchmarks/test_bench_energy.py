@@ -35,6 +35,7 @@ from _common import (
     DeviceTimed,
     SMOKE,
     as_fp32_bytes,
+    backend_unusable,
     common_extra_info,
     lm_head_shape,
     make_grad,
@@ -68,18 +69,6 @@ def _grad(model: str, dtype_name: str) -> torch.Tensor:
     return make_grad(shape, DTYPES[dtype_name])
 
 
-@functools.lru_cache(maxsize=None)
-def _backend_unusable(backend: str) -> str | None:
-    """Why ``backend`` cannot run on the bench device (None if it can): e.g. Triton on a CPU tensor."""
-    probe = torch.ones(8, device=DEVICE)
-    try:
-        grad_sumsq([probe], backend=backend)
-        sync()
-    except Exception as exc:  # each backend raises its own "wrong device" error
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _fn(method: str, g: torch.Tensor):
     if method == "roofline":
         flat = as_fp32_bytes(g)
@@ -94,7 +83,7 @@ def _fn(method: str, g: torch.Tensor):
 @pytest.mark.parametrize(("model", "dtype_name", "method"), CASES, ids=[f"{m}-{d}-{x}" for m, d, x in CASES])
 def test_energy_bandwidth(benchmark, model: str, dtype_name: str, method: str) -> None:
     if method.startswith("ours["):
-        why = _backend_unusable(method[len("ours[") : -1])
+        why = backend_unusable(method[len("ours[") : -1])
         if why:
             pytest.skip(f"{method} cannot run on {DEVICE}: {why}")
     g = _grad(model, dtype_name)

@@ -41,6 +41,7 @@ from _common import (
     SMOKE,
     CacheFlusher,
     DeviceTimed,
+    backend_unusable,
     common_extra_info,
     count_cuda_launches,
     count_cuda_sync_warnings,
@@ -193,6 +194,9 @@ def test_step_overhead(benchmark, set_name: str, clip_name: str, variant: str) -
         ctx["opt"], step = make_naive(ps, clip)
     else:
         backend = variant[len("ours[") : -1]
+        why = backend_unusable(backend)
+        if why:
+            pytest.skip(f"{variant} cannot run on {DEVICE}: {why}")
         try:
             ctx["opt"], step = make_ours(ps, clip, backend)
         except Exception as exc:  # e.g. the Triton backend on CPU tensors
