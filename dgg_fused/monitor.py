@@ -226,11 +226,13 @@ class DWDMonitor:
         self._before = self.lm_head_weight.detach().clone()
 
     @torch.no_grad()
-    def end_step(self, reuse_index: int | None = None) -> dict[str, float]:
+    def end_step(self, reuse_index: int | None = None, *, skipped: bool | None = None) -> dict[str, float]:
         """Record the update the optimizer applied to the lm_head (call right after ``optimizer.step()``).
 
         Appends one entry to :attr:`steps` (merged with the pending :meth:`record_gradients` entry, if any) and
-        returns it. ``skipped`` is 1.0 when the weight did not change at all (a gated or skipped step).
+        returns it. ``skipped`` (1.0/0.0 in the entry) says whether the optimizer dropped the step (e.g.
+        ``GatedOptimizer.metrics["skipped"]``); when not given, a step that left the weight bit-identical counts
+        as skipped (which also catches a genuinely zero update).
         """
         if self._before is None:
             raise RuntimeError("DWDMonitor.end_step: call begin_step() before optimizer.step()")
@@ -247,7 +249,7 @@ class DWDMonitor:
             update=math.sqrt(u),
             update_used=math.sqrt(uu) if uu == uu else float("nan"),
             update_unused=math.sqrt(max(un, 0.0)) if un == un else float("nan"),
-            skipped=float(u == 0.0),
+            skipped=float(u == 0.0) if skipped is None else float(bool(skipped)),
         )
         self.steps.append(entry)
         return entry

@@ -241,7 +241,8 @@ def run_arm(
             t_instr += time.perf_counter() - ti
             opt.step()
             ti = time.perf_counter()
-            mon.end_step(k)
+            skipped = bool(opt.metrics["skipped"]) if isinstance(opt, GatedOptimizer) else False
+            mon.end_step(k, skipped=skipped)
             t_instr += time.perf_counter() - ti
             opt.zero_grad(set_to_none=True)
 
@@ -281,7 +282,7 @@ def run_arm(
             on_iter()
 
     gm = opt.get_metrics() if isinstance(opt, GatedOptimizer) else {}
-    applied = sum(1 for s in mon.steps if s["skipped"] == 0.0)
+    applied = total_steps - (int(gm["gated_steps"]) if gm else 0)
     return {
         "task": task.name,
         "arm": arm.name,
