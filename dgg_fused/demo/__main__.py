@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output directory")
     p.add_argument("--task", action="append", default=None,
                    help="task: 'addition', 'reversal' or module:attr (repeatable) [default: addition and reversal]")
-    p.add_argument("--seeds", type=_seeds, default=None, help="seeds, e.g. '0,1,2' or '0-4' [default: 0,1; quick: 0]")
+    p.add_argument("--seeds", type=_seeds, default=None, help="seeds, e.g. '0,1,2' or '0-4' [default: 0]")
     p.add_argument("--arms", default=",".join(BASE_ARMS), help="comma-separated arms: k1, naive, k2, kl, dgg")
     p.add_argument("--arm", action="append", default=[],
                    help="extra arm with overrides, e.g. 'dgg:tau=1,window=16,statistic=increment' (repeatable)")
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's choice]")
+    p.add_argument("--from-runs", nargs="+", default=None, metavar="RUNS_JSONL",
+                   help="train nothing: build the table, plots and files from runs.jsonl file(s) of earlier runs")
     return p
 
 
@@ -89,6 +91,8 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import json
+
     import torch
 
     from . import report
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
-    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    seeds = args.seeds or [0]
     task_specs = args.task or ["addition", "reversal"]
     arm_specs = [a.strip() for a in args.arms.split(",") if a.strip()] + list(args.arm)
     arms = [parse_arm(a, cfg) for a in arm_specs]
@@ -119,6 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     results = []
+    if args.from_runs:
+        for path in args.from_runs:
+            with open(path) as f:
+                results.extend(json.loads(line) for line in f if line.strip())
+        seen = list(dict.fromkeys(r["arm"] for r in results))
+        arms = [a for a in arms if a.name in seen]
+        tasks = []
+    os.makedirs(args.out, exist_ok=True)
+    runs_path = os.path.join(args.out, "runs.jsonl")
+    if not args.from_runs and os.path.exists(runs_path):
+        os.remove(runs_path)
     for task in tasks:
         pt = prepare_task(task, cfg)
         for seed in seeds:
@@ -132,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                     bar.set_description(f"{task.name} seed {seed} {arm.name}")
                 res = run_arm(pt, arm, cfg, seed, state, on_iter=(bar.update if bar is not None else None))
                 results.append(res)
+                with open(runs_path, "a") as f:  # one line per finished run: an interrupted run keeps its results
+                    f.write(json.dumps(res) + "\n")
     if bar is not None:
         bar.close()
 
-    order = [a.name for a in arms]
+    order = [a.name for a in arms] + [a for a in dict.fromkeys(r["arm"] for r in results)
+                                      if a not in {b.name for b in arms}]
     rows = report.summarize(results, cfg.smooth)
     agg = report.aggregate(rows, order)
     table = report.format_table(agg)
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m dgg_fused.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg.to_dict(),
         "arms": {a.name: a.describe() for a in arms},
-        "tasks": [t.name for t in tasks],
+        "tasks": list(dict.fromkeys(r["task"] for r in results)),
         "seeds": seeds,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},

@@ -52,12 +52,12 @@ BASE_ARMS = ("k1", "naive", "k2", "kl", "dgg")
 class DemoConfig:
     """Every knob of one demo run (the command line maps onto these)."""
 
-    iters: int = 60  # rollout batches per arm
+    iters: int = 30  # rollout batches per arm
     prompts: int = 16  # prompts per rollout batch
     group: int = 8  # G samples per prompt
     minibatches: int = 4  # optimizer steps per pass
     lr: float = 3e-4
-    warmup_iters: int = 10  # linear LR warm-up over the first rollout batches
+    warmup_iters: int = 5  # linear LR warm-up over the first rollout batches
     clip_eps: float = 0.2
     max_grad_norm: float = 1.0
     K: int = 4  # max passes for naive / kl / dgg
