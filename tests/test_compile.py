@@ -104,3 +104,74 @@ def test_compiled_train_step_matches_eager_aot_eager():
 @pytest.mark.skipif(os.environ.get("DGG_RUN_SLOW") != "1", reason="Inductor C++ compile is slow on CPU: DGG_RUN_SLOW=1")
 def test_compiled_train_step_matches_eager_inductor():
     _check("inductor", exact_params=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture():
+    """Whole-step capture (forward, backward, gated capturable fused AdamW) replays like eager; a gated replay is
+    exact. Written for a GPU machine; not yet run (none was available when it was written)."""
+    cfg = GateConfig(window=2, tau=50.0, std_floor=0.5)
+
+    def setup():
+        model = make_model().cuda()
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True, capturable=True)
+        return model, GatedOptimizer(inner, lm_head=model.lm_head, config=cfg)
+
+    static_ids, static_tgt = (t.cuda() for t in batch(0))
+    static_scale = torch.ones((), device="cuda")
+
+    def feed(step):
+        ids, tgt = batch(step // 4)
+        static_ids.copy_(ids)
+        static_tgt.copy_(tgt)
+        static_scale.fill_(1e3 if step == SPIKE_STEP else 1.0)
+
+    model_g, opt_g = setup()
+
+    def step_g():
+        (loss_fn(model_g, (static_ids, static_tgt)) * static_scale).backward()
+        opt_g.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph: steps 0-2 (k = 1, 2, 3)
+        for step in range(3):
+            opt_g.set_reuse_index(step % 4 + 1)
+            feed(step)
+            opt_g.zero_grad(set_to_none=True)
+            step_g()
+    torch.cuda.current_stream().wait_stream(side)
+    opt_g.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    opt_g.set_reuse_index(4)
+    feed(3)
+    with torch.cuda.graph(graph):
+        step_g()  # capture only: nothing ran yet for step 3
+    decisions_g = []
+    for step in range(3, STEPS):
+        opt_g.set_reuse_index(step % 4 + 1)
+        feed(step)
+        before = [p.detach().clone() for p in model_g.parameters()]
+        graph.replay()
+        torch.cuda.synchronize()
+        m = opt_g.get_metrics()
+        decisions_g.append((m["gated"], m["skipped"]))
+        if m["skipped"]:
+            assert all(torch.equal(a, p) for a, p in zip(before, model_g.parameters()))
+
+    model_e, opt_e = setup()  # the same sequence, eager
+    decisions_e = []
+    for step in range(STEPS):
+        opt_e.set_reuse_index(step % 4 + 1)
+        feed(step)
+        opt_e.zero_grad(set_to_none=True)
+        (loss_fn(model_e, (static_ids, static_tgt)) * static_scale).backward()
+        opt_e.step()
+        m = opt_e.get_metrics()
+        if step >= 3:
+            decisions_e.append((m["gated"], m["skipped"]))
+    assert decisions_g == decisions_e
+    assert (1.0, 1.0) in decisions_g
+    for a, b in zip(model_g.parameters(), model_e.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
