@@ -47,7 +47,8 @@ def small():
 
 
 @pytest.mark.parametrize("spec", ["k1", "k2", "naive", "kl", "kl:target_kl=1e-12", "dgg",
-                                  "dgg:tau=1e-6,window=2,statistic=increment,reference=all"])
+                                  "dgg:tau=1e-6,window=2,statistic=increment,reference=all",
+                                  "dggu:tau=1e-6,window=2"])
 def test_arm_accounting(small, spec):
     pt, cfg, state = small
     arm = parse_arm(spec, cfg)
@@ -90,3 +91,17 @@ def test_parse_arm_overrides_and_errors():
         parse_arm("sgd", cfg)
     with pytest.raises(ValueError):
         parse_arm("dgg:statistic=nope", cfg)
+
+
+def test_prospective_adamw_update_matches_adamw():
+    torch.manual_seed(0)
+    from dgg_fused.demo.run import prospective_adamw_update
+
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0, fused=True)
+    for _ in range(3):
+        p.grad = torch.randn(5, 3)
+        want = prospective_adamw_update(opt, p)
+        before = p.detach().clone()
+        opt.step()
+        torch.testing.assert_close(p.detach() - before, want, rtol=1e-4, atol=1e-7)

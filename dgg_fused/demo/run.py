@@ -9,7 +9,12 @@ Arms (``ArmSpec``; the command line takes them as strings, see :func:`parse_arm`
   the rollout policy exceeds ``target_kl`` that step is not taken and reuse of the batch ends (the rule of
   PPO implementations such as Stable-Baselines3, applied to reuse passes);
 * ``dgg``    DGG: up to K passes with :class:`dgg_fused.GatedOptimizer`, written exactly as a user would
-  (``for k in opt.passes(): ... opt.step(); if opt.reuse_stopped: break``).
+  (``for k in opt.passes(): ... opt.step(); if opt.reuse_stopped: break``);
+* ``dggu``   an experiment beyond the paper: the same gate rule (:func:`dgg_fused.gate.gate_step_`, same
+  ``GateConfig``), but fed the squared norm of the lm_head update AdamW *would* apply to the rows of tokens the
+  task never uses (computed from the optimizer state before the step, i.e. after preconditioning) instead of the
+  gradient energy. It targets Adam-amplified drift of rarely used rows. The skip is decided on the host (a
+  demo-side prototype, not a library feature).
 
 Every arm gets the same number of rollout batches, the same prompts and the same sampling seeds, the same
 optimizer (fused AdamW) and schedule; each pass over a batch is split into ``minibatches`` optimizer steps.
@@ -92,7 +97,8 @@ class ArmSpec:
         if self.kind == "kl":
             return f"KL early stop, K={self.max_reuse}, target_kl={self.target_kl}"
         g = self.gate
-        return (f"DGG K={self.max_reuse} window={g.window} tau={g.tau} statistic={g.statistic} "
+        what = "DGG" if self.kind == "dgg" else "update-norm gate (unused lm_head rows, after AdamW preconditioning)"
+        return (f"{what} K={self.max_reuse} window={g.window} tau={g.tau} statistic={g.statistic} "
                 f"reference={g.reference}")
 
 
@@ -129,7 +135,16 @@ def parse_arm(spec: str, cfg: DemoConfig) -> ArmSpec:
             reference=kw.get("reference", cfg.reference),
         )
         return ArmSpec(spec, "dgg", K, gate=gate)
-    raise ValueError(f"unknown arm {spec!r}: use k1, k2, naive, kl or dgg (optionally with :key=value,...)")
+    if base == "dggu":
+        gate = GateConfig(
+            window=int(kw.get("window", cfg.window)),
+            tau=float(kw.get("tau", cfg.tau)),
+            max_reuse=K,
+            statistic=kw.get("statistic", cfg.statistic),
+            reference=kw.get("reference", cfg.reference),
+        )
+        return ArmSpec(spec, "dggu", K, gate=gate)
+    raise ValueError(f"unknown arm {spec!r}: use k1, k2, naive, kl, dgg or dggu (optionally with :key=value,...)")
 
 
 @dataclass
@@ -169,6 +184,22 @@ def greedy_accuracy(model, pt: PreparedTask) -> float:
     return sum(pt.task.verify(ex, t) for ex, t in zip(pt.eval_set, texts)) / len(texts)
 
 
+@torch.no_grad()
+def prospective_adamw_update(opt: torch.optim.AdamW, p: torch.Tensor) -> torch.Tensor:
+    """The update ``W_new - W`` AdamW (no weight decay, no amsgrad) would apply to ``p`` given its current grad."""
+    g = p.grad
+    group = next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
+    b1, b2 = group["betas"]
+    st = opt.state.get(p, {})
+    m = st.get("exp_avg", torch.zeros_like(p))
+    v = st.get("exp_avg_sq", torch.zeros_like(p))
+    t = float(st.get("step", 0.0)) + 1.0
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    denom = (v / (1 - b2**t)).sqrt() + group["eps"]
+    return -group["lr"] * (m / (1 - b1**t)) / denom
+
+
 def run_arm(
     pt: PreparedTask,
     arm: ArmSpec,
@@ -187,6 +218,14 @@ def run_arm(
     if arm.kind == "dgg":
         opt = GatedOptimizer(inner, lm_head=model.lm_head, config=arm.gate)
     mon = DWDMonitor(model, lm_head=model.lm_head, used_rows=pt.used_rows)
+    ugate = None
+    if arm.kind == "dggu":
+        from ..gate import GateState, gate_step_
+
+        ugate = GateState.create(arm.gate.window, "cpu")
+        unused = torch.ones(model.lm_head.weight.shape[0], dtype=torch.bool)
+        unused[pt.used_rows] = False
+    u_trips = u_gated = 0
     n_roll = cfg.prompts * cfg.group
     mb_size = math.ceil(n_roll / cfg.minibatches)
 
@@ -230,12 +269,22 @@ def run_arm(
                                        ro.comp_mask[idx])
             return ppo_clip_loss(logp, ro.old_logp[idx], ro.advantages[idx], ro.comp_mask[idx], cfg.clip_eps)
 
-        def instrumented_step(k: int) -> None:
-            nonlocal t_instr
+        def instrumented_step(k: int) -> bool:
+            """Clip, step, monitor; returns False when the update-norm gate (dggu) dropped the step."""
+            nonlocal t_instr, u_trips, u_gated
             ti = time.perf_counter()
             mon.record_gradients(k)
             t_instr += time.perf_counter() - ti
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if ugate is not None:
+                ugate.reuse_index.fill_(k)
+                upd = prospective_adamw_update(inner, model.lm_head.weight)
+                skip = bool(gate_step_(ugate, upd[unused].square().sum(), arm.gate))
+                if skip:
+                    u_trips += 1
+                    u_gated += 1
+                    opt.zero_grad(set_to_none=True)
+                    return False
             ti = time.perf_counter()
             mon.begin_step()
             t_instr += time.perf_counter() - ti
@@ -245,6 +294,7 @@ def run_arm(
             mon.end_step(k, skipped=skipped)
             t_instr += time.perf_counter() - ti
             opt.zero_grad(set_to_none=True)
+            return True
 
         passes = steps = 0
         if arm.kind == "dgg":
@@ -263,6 +313,8 @@ def run_arm(
             stop = False
             for k in range(1, arm.max_reuse + 1):
                 passes += 1
+                if ugate is not None and k == 1:
+                    ugate.stopped.fill_(False)
                 for idx in minibatches():
                     loss, st = loss_of(idx)
                     if arm.kind == "kl" and k > 1 and float(st["approx_kl"]) > arm.target_kl:
@@ -270,8 +322,10 @@ def run_arm(
                         kl_stops += 1
                         break
                     loss.backward()
-                    instrumented_step(k)
                     steps += 1
+                    if not instrumented_step(k):  # dggu tripped: reuse of this batch ends
+                        stop = True
+                        break
                 if stop:
                     break
         total_steps += steps
@@ -282,6 +336,8 @@ def run_arm(
             on_iter()
 
     gm = opt.get_metrics() if isinstance(opt, GatedOptimizer) else {}
+    if arm.kind == "dggu":
+        gm = {"stopped_batches": u_trips, "gated_steps": u_gated}
     applied = total_steps - (int(gm["gated_steps"]) if gm else 0)
     return {
         "task": task.name,
