@@ -198,7 +198,20 @@ def sc_fsdp2_gate(rank: int, tmp: str) -> dict:
     recs: list = []
     exact: list = []
     _train(model, opt, rank, 16, spikes={9, 14}, records=recs, exact=exact)
-    return {"records": recs, "exact": exact, "path_found_inf": opt._use_found_inf()}
+    # no host sync in step() under FSDP2 either (DTensor shards, the all-reduce, the fused found_inf path)
+    from helpers import record_syncs
+
+    syncs = []
+    for k, scale in ((1, 1.0), (2, 1.0), (3, 300.0)):
+        opt.set_reuse_index(k)
+        ids, tgt = data(50)
+        loss_of(model, local(ids, rank), local(tgt, rank), scale).backward()
+        with record_syncs() as rec:
+            opt.step()
+        syncs += rec.events
+        opt.zero_grad()
+    tripped = opt.get_metrics()["gated"]
+    return {"records": recs, "exact": exact, "path_found_inf": opt._use_found_inf(), "syncs": syncs, "tripped": tripped}
 
 
 def sc_ddp(rank: int, tmp: str) -> dict:
@@ -360,6 +373,8 @@ def _check_decisions(rs: list[dict]) -> None:
 def test_fsdp2_all_ranks_agree_and_gated_steps_are_exact(results):
     rs = get(results, "fsdp2_gate")
     assert all(r["path_found_inf"] for r in rs)  # the sync-free path works with DTensor params
+    for r in rs:
+        assert r["syncs"] == [] and r["tripped"] == 1.0  # no host sync in step(), gated step included
     _check_decisions(rs)
 
 
