@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=None, help=f"vocabulary size [default: {d.model.vocab_size}]")
     p.add_argument("--warm-steps", type=int, default=None, help=f"warm-start steps [default: {d.warm.steps}]")
     p.add_argument("--label-noise", type=float, default=None, help=f"warm-start label noise [default: {d.warm.label_noise}]")
+    p.add_argument("--warm-seed", type=int, default=None,
+                   help="use this seed's warm start for every RL seed [default: each seed warm-starts with its own seed]")
     p.add_argument("--cache-dir", default=None, help="warm-start cache [default: $DGG_DEMO_CACHE or ~/.cache/dgg_fused/demo]")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the warm-start cache")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -140,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.set_description(f"{task.name} seed {seed} warm start")
             t0 = time.time()
-            state, cached = warm_start(task, pt.tokenizer, cfg.model, cfg.warm, seed, cache)
-            say(f"[{task.name} seed {seed}] warm start {'loaded from cache' if cached else f'trained in {time.time() - t0:.1f}s'}")
+            wseed = seed if args.warm_seed is None else args.warm_seed
+            state, cached = warm_start(task, pt.tokenizer, cfg.model, cfg.warm, wseed, cache)
+            say(f"[{task.name} seed {seed}] warm start (seed {wseed}) {'loaded from cache' if cached else f'trained in {time.time() - t0:.1f}s'}")
             for arm in arms:
                 if bar is not None:
                     bar.set_description(f"{task.name} seed {seed} {arm.name}")
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": {a.name: a.describe() for a in arms},
         "tasks": list(dict.fromkeys(r["task"] for r in results)),
         "seeds": seeds,
+        "warm_seed": args.warm_seed,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "elapsed_s": time.time() - t_start,

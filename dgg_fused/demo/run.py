@@ -58,7 +58,7 @@ class DemoConfig:
     """Every knob of one demo run (the command line maps onto these)."""
 
     iters: int = 30  # rollout batches per arm
-    prompts: int = 16  # prompts per rollout batch
+    prompts: int = 8  # prompts per rollout batch
     group: int = 8  # G samples per prompt
     minibatches: int = 4  # optimizer steps per pass
     lr: float = 3e-4
