@@ -98,7 +98,7 @@ class Recorder(TrainerCallback):
         )
 
 
-def run(tmp_path, *, max_steps: int, max_grad_norm: float, gate: GateConfig, spike_at=None):
+def run(tmp_path, *, max_steps: int, max_grad_norm: float, gate: GateConfig, spike_at=None, accum: int = 1):
     tok = make_tokenizer()
     model = make_model(tok)
     prompts = [" ".join(WORDS[(i + j) % 8] for j in range(3)) for i in range(16)]
@@ -107,7 +107,7 @@ def run(tmp_path, *, max_steps: int, max_grad_norm: float, gate: GateConfig, spi
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         num_generations=4,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=accum,  # steps_per_generation defaults to it
         num_iterations=K,
         max_completion_length=4,
         max_steps=max_steps,
@@ -148,7 +148,9 @@ def expected_lr(step: int, max_steps: int) -> float:
 def test_grpo_passes_preclip_energy_lr_and_logs(tmp_path):
     max_steps = 8
     never = GateConfig(window=2, tau=1e30, max_reuse=K)  # observe, never trip
-    trainer, rows = run(tmp_path, max_steps=max_steps, max_grad_norm=1e-4, gate=never)
+    # two micro-batches per optimizer step: the gate must see one pass per optimizer step, not per micro-batch
+    trainer, rows = run(tmp_path, max_steps=max_steps, max_grad_norm=1e-4, gate=never, accum=2)
+    assert trainer.args.steps_per_generation == 2
     assert isinstance(trainer.gated_optimizer, GatedOptimizer)
     assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"  # the wrapper accelerate hides
     assert [r["k"] for r in rows] == [1, 2, 3, 4] * (max_steps // K)
