@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .config import GateConfig
+from .config import REFERENCES, STATISTICS, GateConfig
+from .ops import gate_epilogue_, resolve_epilogue
 
 __all__ = ["GateState", "gate_step_", "zscore"]
 
@@ -128,7 +129,12 @@ def _push_(row: torch.Tensor, x: torch.Tensor, enter: torch.Tensor) -> None:
 
 
 def gate_step_(
-    state: GateState, energy: torch.Tensor, config: GateConfig, external_skip: torch.Tensor | None = None
+    state: GateState,
+    energy: torch.Tensor,
+    config: GateConfig,
+    external_skip: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """One DGG decision: update ``state`` in place and return the 0-d float32 skip flag (1.0 = drop the step).
 
@@ -143,7 +149,24 @@ def gate_step_(
     * Finite observations enter the window as ``config.reference`` says.
     * ``external_skip`` (0-d, > 0 means set): a step the caller drops anyway (a GradScaler overflow). The gate
       ignores it like a step on a stopped batch: no trip, no window update, only ``steps`` is counted.
+
+    ``impl`` picks the implementation (``dgg_fused.ops.resolve_epilogue``): ``"reference"`` is the torch code
+    below; ``"triton"``/``"cuda"``/``"cpp"`` run the same rule fused in one launch / one call (``energy`` may then
+    also be a 1-D tensor of partial sums, added in order); ``"auto"`` takes a fused one on CUDA, else the reference.
     """
+    impl = resolve_epilogue(impl, state.skip.device)
+    if impl != "reference":
+        gate_epilogue_(
+            impl,
+            energy,
+            state.tensors(),
+            tau=config.tau,
+            std_floor=config.std_floor,
+            statistic=STATISTICS.index(config.statistic),
+            reference=REFERENCES.index(config.reference),
+            external_skip=external_skip,
+        )
+        return state.skip
     e = energy.detach().reshape(()).to(torch.float32)
     finite = torch.isfinite(e)
     stopped_before = state.stopped.clone()
