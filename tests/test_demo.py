@@ -30,6 +30,12 @@ def test_quick_end_to_end(tmp_path, capsys):
     main(["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-plots",
           "--task", "reversal", "--arms", "k1"])
     assert "loaded from cache" in capsys.readouterr().out
+    # --from-runs rebuilds the table (with per-seed comparisons) without training
+    rebuilt = tmp_path / "rebuilt"
+    main(["--from-runs", str(out / "runs.jsonl"), "--out", str(rebuilt), "--no-progress", "--no-plots"])
+    printed = capsys.readouterr().out
+    assert "| reversal5 | k1 |" in printed and "Per-seed comparisons" in printed
+    assert (rebuilt / "table.md").stat().st_size > 0
 
 
 @pytest.fixture(scope="module")

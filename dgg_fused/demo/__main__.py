@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.time() - t_start,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    paths = report.write_results(args.out, meta, results, rows, agg, table)
+    ptable = report.format_paired(report.paired(rows, order)) if len(seeds) > 1 or args.from_runs else ""
+    paths = report.write_results(args.out, meta, results, rows, agg, table, ptable)
     if not args.no_plots:
         paths += report.plot_all(args.out, results, order, cfg.smooth)
     print()
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.DEFINITIONS)
     print()
+    if ptable:
+        print("Per-seed comparisons (same task, same seed):\n")
+        print(ptable)
+        print()
     for a in arms:
         print(f"  {a.name}: {a.describe()}")
     print(f"\n{len(results)} runs in {meta['elapsed_s']:.0f}s; wrote " + ", ".join(os.path.basename(p) for p in paths)

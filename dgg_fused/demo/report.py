@@ -21,7 +21,8 @@ import os
 import statistics
 from typing import Any, Sequence
 
-__all__ = ["summarize", "aggregate", "format_table", "write_results", "plot_all", "DEFINITIONS"]
+__all__ = ["summarize", "aggregate", "format_table", "paired", "format_paired", "write_results", "plot_all",
+           "DEFINITIONS"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
 
@@ -169,8 +170,54 @@ def format_table(agg: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def paired(rows: list[dict[str, Any]], arm_order: Sequence[str], bases: Sequence[str] = ("k1", "naive", "kl")
+           ) -> list[dict[str, Any]]:
+    """Per-seed comparisons of each arm with each base arm on the same task and seed.
+
+    For every (task, arm, base): the mean per-seed difference in final reward and in rollouts to target, and in
+    how many seeds the arm's final reward is >= the base's, and its rollouts to target <= the base's (a seed that
+    did not reach the target counts as worse than one that did).
+    """
+    by = {(r["task"], r["arm"], r["seed"]): r for r in rows}
+    out = []
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for task in tasks:
+        for arm in arm_order:
+            for base in bases:
+                if arm == base or (arm in bases and bases.index(arm) < bases.index(base)):
+                    continue  # the mirrored row is shown
+                seeds = [s for (t, a, s) in by if t == task and a == arm and (task, base, s) in by]
+                if not seeds:
+                    continue
+                dfin, drt, win_f, win_r = [], [], 0, 0
+                inf = float("inf")
+                for s in sorted(seeds):
+                    a, b = by[(task, arm, s)], by[(task, base, s)]
+                    dfin.append(a["final_reward"] - b["final_reward"])
+                    win_f += a["final_reward"] >= b["final_reward"]
+                    ra = a["rollouts_to_target"] if a["rollouts_to_target"] is not None else inf
+                    rb = b["rollouts_to_target"] if b["rollouts_to_target"] is not None else inf
+                    win_r += ra <= rb
+                    if ra < inf and rb < inf:
+                        drt.append(ra - rb)
+                out.append({"task": task, "arm": arm, "vs": base, "seeds": len(seeds),
+                            "d_final": statistics.fmean(dfin), "final_ge": win_f,
+                            "d_rollouts": statistics.fmean(drt) if drt else float("nan"), "rollouts_le": win_r})
+    return out
+
+
+def format_paired(pr: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`paired`."""
+    lines = ["| task | arm | vs | seeds | mean d final reward | final >= (seeds) | mean d rollouts to target | "
+             "rollouts <= (seeds) |", "|---|---|---|---|---|---|---|---|"]
+    for p in pr:
+        lines.append(f"| {p['task']} | {p['arm']} | {p['vs']} | {p['seeds']} | {p['d_final']:+.3f} | "
+                     f"{p['final_ge']}/{p['seeds']} | {_f(p['d_rollouts'], '+.0f')} | {p['rollouts_le']}/{p['seeds']} |")
+    return "\n".join(lines)
+
+
 def write_results(out: str, meta: dict[str, Any], results: list[dict[str, Any]], rows: list[dict[str, Any]],
-                  agg: list[dict[str, Any]], table: str) -> list[str]:
+                  agg: list[dict[str, Any]], table: str, paired_table: str = "") -> list[str]:
     """Write results.json, summary.csv, table.csv, history.csv and table.md under ``out``; return the paths."""
     os.makedirs(out, exist_ok=True)
     paths = []
@@ -203,6 +250,8 @@ def write_results(out: str, meta: dict[str, Any], results: list[dict[str, Any]],
     p = os.path.join(out, "table.md")
     with open(p, "w") as f:
         f.write(table + "\n\n" + DEFINITIONS + "\n")
+        if paired_table:
+            f.write("\nPer-seed comparisons (same task, same seed):\n\n" + paired_table + "\n")
     paths.append(p)
     return paths
 
