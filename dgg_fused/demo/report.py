@@ -336,8 +336,8 @@ def plot_all(out: str, results: list[dict[str, Any]], arm_order: Sequence[str], 
     # lm_head gradient energy and unused-row update norm per reuse index, relative to k = 1.
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.4 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
-        for j, (key, title) in enumerate((("energy", "lm_head grad energy E_k / E_1"),
-                                          ("update_unused", "unused-row lm_head update norm U_k / U_1"))):
+        for j, (key, title) in enumerate((("energy", "E_k/E_1, lm_head grad energy"),
+                                          ("update_unused", "U_k/U_1, unused-row lm_head update"))):
             ax = axes[i][j]
             arms = [a for a in arm_order if any(r["arm"] == a and len(r["reuse"][key]) > 1
                                                 for r in results if r["task"] == task)]
@@ -352,7 +352,7 @@ def plot_all(out: str, results: list[dict[str, Any]], arm_order: Sequence[str], 
                 width = 0.8 / max(1, len(arms))
                 ax.bar([k + a_i * width - 0.4 + width / 2 for k in ks], vals, width=width, label=arm)
             ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_title(f"{task}: {title} (median per run, seed mean)", fontsize=9)
+            ax.set_title(f"{task}: {title} (run median, seed mean)", fontsize=8)
             ax.set_xlabel("reuse index k")
             ax.grid(alpha=0.3)
             if arms:
