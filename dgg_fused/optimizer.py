@@ -92,6 +92,11 @@ class GatedOptimizer(torch.optim.Optimizer):
         config: a :class:`GateConfig`; defaults to ``GateConfig()``.
         skip_mode: one of :data:`SKIP_MODES`.
         backend: energy backend passed to :func:`dgg_fused.ops.grad_sumsq`.
+        max_grad_norm: if set, clip the total gradient norm (all parameters, L2) to this value inside
+            :meth:`step`, the way ``torch.nn.utils.clip_grad_norm_`` does (multiply by the clamped coefficient
+            ``min(1, max_grad_norm / (norm + 1e-6))``, on the device, no host sync). It shares the gate's pass: the
+            lm_head gradients are read once for both. The gate sees the pre-clip energy. Unscaled norm under a
+            GradScaler. The pre-clip norm of the last step is :attr:`grad_norm`.
 
     Raises:
         TypeError: ``optimizer`` is not an Optimizer (or is already gated, or needs closure re-evaluation like
@@ -107,6 +112,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         config: GateConfig | None = None,
         skip_mode: str = "auto",
         backend: str = "auto",
+        max_grad_norm: float | None = None,
     ) -> None:
         if isinstance(optimizer, GatedOptimizer):
             raise TypeError("optimizer is already a GatedOptimizer; wrap the inner optimizer once")
@@ -148,6 +154,14 @@ class GatedOptimizer(torch.optim.Optimizer):
         self.config = config
         self.skip_mode = skip_mode
         self.backend = backend
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+                raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+            if not (0.0 < float(max_grad_norm) < float("inf")):
+                raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+            max_grad_norm = float(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
+        self._grad_norm: torch.Tensor | None = None
         self.energy_group = None  # process group of a hand-sharded (vocab-parallel) lm_head; see dgg_fused.distributed
         self._lm_head = params
         device = params[0].device
@@ -296,6 +310,41 @@ class GatedOptimizer(torch.optim.Optimizer):
             e = e / grad_scale.to(device=e.device, dtype=torch.float32).square()
         return e
 
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """Total gradient L2 norm (unscaled, before clipping) of the last :meth:`step` with ``max_grad_norm``; 0-d
+        float32 device tensor (what ``clip_grad_norm_`` returns), or None."""
+        return self._grad_norm
+
+    def _clip_grads_(self, lm_energy: torch.Tensor, grad_scale: torch.Tensor | None, fresh: bool) -> None:
+        """Total-norm clipping sharing the gate's pass: the lm_head part of the total is the gate's energy (the
+        other gradients are read once here), then one on-device multiply by the clamped coefficient."""
+        lm_ids = {id(p) for p in self._lm_head}
+        seen: set[int] = set()
+        rest: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                grads.append(p.grad)
+                if id(p) not in lm_ids:
+                    rest.append(p.grad)
+        if not fresh:  # the energy was recorded earlier (record_energy): the gradients may have changed since
+            lm_energy = self._measure_energy(grad_scale)
+        total = lm_energy.to(torch.float32)
+        if rest:
+            r = global_grad_sumsq(rest, backend=self.backend)
+            if grad_scale is not None:
+                r = r / grad_scale.to(device=r.device, dtype=torch.float32).square()
+            total = total + r.to(total.device)
+        norm = total.sqrt()
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for device, dgrads in _by_device(grads).items():
+            torch._foreach_mul_(dgrads, coef.to(device))
+        self._grad_norm = norm
+
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Measure the lm_head energy, update the gate and apply (or exactly skip) the inner step.
@@ -320,6 +369,8 @@ class GatedOptimizer(torch.optim.Optimizer):
             energy = self._pending_energy
         else:
             energy = self._measure_energy(scaler_scale)
+        if self.max_grad_norm is not None:  # after the gate's measurement: the gate sees pre-clip gradients
+            self._clip_grads_(energy, scaler_scale, fresh=self._pending_energy is None)
         self._pending_energy = None
         if energy.device != self._gate.skip.device:
             self._gate.to(energy.device)
@@ -498,6 +549,13 @@ class GatedOptimizer(torch.optim.Optimizer):
 # The hooks are run by GatedOptimizer.step itself (around the whole gated step); tell torch not to wrap it again,
 # which would also run torch's *global* optimizer hooks twice (once here, once for the inner optimizer).
 GatedOptimizer.step.hooked = True  # type: ignore[attr-defined]
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    out: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.device, []).append(t)
+    return out
 
 
 def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
