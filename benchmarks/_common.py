@@ -103,6 +103,16 @@ def as_fp32_bytes(g: torch.Tensor) -> torch.Tensor:
 _UNUSABLE: dict[str, str | None] = {}
 
 
+def energy_backends() -> list[str]:
+    """``dgg_fused.available_backends()`` for the bench device (the device argument, where the API takes one)."""
+    import dgg_fused
+
+    try:
+        return list(dgg_fused.available_backends(DEVICE))
+    except TypeError:  # an API without the device argument
+        return list(dgg_fused.available_backends())
+
+
 def backend_unusable(backend: str) -> str | None:
     """Why the energy ``backend`` cannot be benchmarked on the bench device (None if it can)."""
     if backend not in _UNUSABLE:
@@ -174,7 +184,9 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
     """Time ``fa`` and ``fb`` alternately (ABBA order, ``setup`` before each call) and summarise ``t_b / t_a``.
 
     Pairs taken seconds apart see the same machine load, so their ratio is much steadier than the ratio of two
-    medians measured minutes apart on a shared box. Returns the median ratio and its inter-quartile range.
+    medians measured minutes apart on a shared box. Returns the median ratio and its inter-quartile range, and
+    the ratio of the two minima (contention only ever adds time, so on a loaded machine min/min estimates the
+    uncontended ratio).
     """
     import time
 
@@ -193,6 +205,7 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
         "paired_ratio_median": statistics.median(r),
         "paired_ratio_q1": q[0],
         "paired_ratio_q3": q[2],
+        "paired_min_ratio": min(tb) / min(ta),
         "paired_pairs": pairs,
         "paired_a_median_s": statistics.median(ta),
         "paired_b_median_s": statistics.median(tb),

@@ -24,7 +24,6 @@ import time
 import pytest
 import torch
 
-import dgg_fused
 from dgg_fused.ops import grad_sumsq
 
 from _common import (
@@ -36,6 +35,7 @@ from _common import (
     SMOKE,
     as_fp32_bytes,
     backend_unusable,
+    energy_backends,
     common_extra_info,
     lm_head_shape,
     make_grad,
@@ -44,7 +44,7 @@ from _common import (
     sync,
 )
 
-BACKENDS = dgg_fused.available_backends()
+BACKENDS = energy_backends()
 
 BASELINES = {
     "vector_norm": lambda g: torch.linalg.vector_norm(g, dtype=torch.float32),
@@ -117,7 +117,9 @@ def test_energy_bandwidth(benchmark, model: str, dtype_name: str, method: str) -
         roof = _fn("roofline", g)
         pairs = 1 if SMOKE else max(3, min(15, int(PAIR_BUDGET_S / max(t_one, 1e-6))))
         p = paired_ratios(roof, fn, pairs, setup=lambda: None)
-        benchmark.extra_info.update(p, paired_roofline_frac=1.0 / p["paired_ratio_median"])
+        benchmark.extra_info.update(
+            p, paired_roofline_frac=1.0 / p["paired_ratio_median"], min_roofline_frac=1.0 / p["paired_min_ratio"]
+        )
     benchmark(timed)
     if IS_CUDA:
         benchmark.extra_info["event_median_s"] = timed.event_median_s()

@@ -31,7 +31,6 @@ import pytest
 import torch
 from torch import nn
 
-import dgg_fused
 from dgg_fused import GateConfig, GatedOptimizer
 
 from _common import (
@@ -42,6 +41,7 @@ from _common import (
     CacheFlusher,
     DeviceTimed,
     backend_unusable,
+    energy_backends,
     common_extra_info,
     count_cuda_launches,
     count_cuda_sync_warnings,
@@ -50,7 +50,7 @@ from _common import (
     sync,
 )
 
-BACKENDS = dgg_fused.available_backends()
+BACKENDS = energy_backends()
 HAS_MAX_GRAD_NORM = "max_grad_norm" in inspect.signature(GatedOptimizer.__init__).parameters
 NO_MAX_GRAD_NORM = "GatedOptimizer has no max_grad_norm= option in this checkout (kernels issue not landed)"
 
