@@ -1,7 +1,6 @@
 """The RLVR demo end to end (--quick) and the rollout/step accounting of every arm."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -45,7 +45,7 @@ from .grpo import (
 )
 from .model import ModelConfig, build_model, build_tokenizer, task_token_ids
 from .tasks import Example, Task
-from .warmstart import WarmStartConfig, warm_start
+from .warmstart import WarmStartConfig
 
 __all__ = ["DemoConfig", "ArmSpec", "parse_arm", "run_arm", "prepare_task", "BASE_ARMS"]
 
