@@ -22,6 +22,11 @@ The all-reduce is issued on the gradients' device (NCCL: on the current stream, 
 result is bit-identical on every rank, so the gate's decisions are too. Build the optimizer and the
 :class:`~dgg_fused.GatedOptimizer` *after* ``fully_shard`` / ``parallelize_module`` (they replace the parameters).
 
+**Checkpoints with torch.distributed.checkpoint (DCP):** use :func:`get_state_dict` / :func:`set_state_dict` here
+instead of torch's ``torch.distributed.checkpoint.state_dict`` functions with the wrapper. Torch's versions would
+drop the gate's ``"dgg"`` entry, and on a fresh optimizer they initialise the state by calling ``step()`` once with
+zero gradients -- through the gate, which would count that step and put a zero energy in its window.
+
 :meth:`GatedOptimizer._measure_energy` calls :func:`global_grad_sumsq`; without DTensors and without an energy group
 it is exactly :func:`dgg_fused.grad_sumsq`.
 """
@@ -35,7 +40,7 @@ import torch.distributed as dist
 
 from .ops import grad_sumsq
 
-__all__ = ["global_grad_sumsq", "set_energy_group", "is_dtensor"]
+__all__ = ["global_grad_sumsq", "set_energy_group", "is_dtensor", "get_state_dict", "set_state_dict"]
 
 try:  # DTensor is public since torch 2.4; a build without distributed support has none.
     from torch.distributed.tensor import DTensor, Replicate
@@ -114,3 +119,47 @@ def global_grad_sumsq(
     for p in parts[1:]:
         total = total + p.to(device)
     return total.to(torch.float32)
+
+
+def get_state_dict(model: torch.nn.Module, optimizer: Any, *, options: Any = None) -> tuple[dict, dict]:
+    """``torch.distributed.checkpoint.state_dict.get_state_dict`` for a :class:`~dgg_fused.GatedOptimizer`.
+
+    Returns ``(model_state_dict, optim_state_dict)``: torch's FQN-keyed (sharded) state dicts of the model and of the
+    *inner* optimizer, plus the gate's state under ``optim_state_dict["dgg"]`` (small plain tensors, identical on
+    every rank). Save them with ``torch.distributed.checkpoint.save``; to resume, build the same structure on the
+    fresh model/optimizer with this function, ``dcp.load`` into it, then call :func:`set_state_dict`.
+    """
+    from torch.distributed.checkpoint import state_dict as dcp_sd
+
+    gated = _as_gated(optimizer)
+    msd, osd = dcp_sd.get_state_dict(model, gated.optimizer, options=options)
+    osd = dict(osd)
+    osd[_DGG_KEY] = gated.state_dict()[_DGG_KEY]
+    return msd, osd
+
+
+def set_state_dict(
+    model: torch.nn.Module, optimizer: Any, *, model_state_dict: dict, optim_state_dict: dict, options: Any = None
+) -> None:
+    """Inverse of :func:`get_state_dict`: load the model, the inner optimizer and the gate."""
+    from torch.distributed.checkpoint import state_dict as dcp_sd
+
+    gated = _as_gated(optimizer)
+    osd = dict(optim_state_dict)
+    dgg = osd.pop(_DGG_KEY, None)
+    dcp_sd.set_state_dict(
+        model, gated.optimizer, model_state_dict=model_state_dict, optim_state_dict=osd, options=options
+    )
+    if dgg is not None:  # validated (window, format) before anything of the gate is written
+        gated.load_state_dict({**gated.optimizer.state_dict(), _DGG_KEY: dgg})
+
+
+_DGG_KEY = "dgg"
+
+
+def _as_gated(optimizer: Any) -> Any:
+    from .optimizer import GatedOptimizer
+
+    if not isinstance(optimizer, GatedOptimizer):
+        raise TypeError(f"expected a GatedOptimizer, got {type(optimizer).__name__}")
+    return optimizer

@@ -261,6 +261,45 @@ def sc_fsdp2_checkpoint(rank: int, tmp: str) -> dict:
     return {"recs_a": recs_a, "recs_b": recs_b, "exact": same(final_a, snapshot(model_b, opt_b))}
 
 
+def sc_fsdp2_dcp(rank: int, tmp: str) -> dict:
+    """The same resume through torch.distributed.checkpoint with dgg_fused.distributed.get/set_state_dict."""
+    import torch.distributed.checkpoint as dcp
+
+    from dgg_fused.distributed import get_state_dict, set_state_dict
+
+    cfg = GateConfig(window=2, tau=2.0, max_reuse=4)
+
+    def fresh(seed=0):
+        m = fsdp2(make(seed))
+        o = GatedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), lm_head=m.lm_head, config=cfg)
+        return m, o
+
+    spikes = {9, 13}
+    ckpt = os.path.join(tmp, "dcp")
+    model, opt = fresh()
+    _train(model, opt, rank, 10, spikes=spikes)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    recs_a: list = []
+    _train(model, opt, rank, 6, spikes=spikes, start=10, records=recs_a)
+    final_a = snapshot(model, opt)
+
+    model_b, opt_b = fresh(seed=1)  # different init: everything must come from the checkpoint
+    msd_b, osd_b = get_state_dict(model_b, opt_b)  # the template dcp.load fills in place
+    steps_after_template = opt_b.get_metrics()["steps"]  # torch's lazy state init must not run through the gate
+    sd = {"model": msd_b, "optim": osd_b}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_state_dict(model_b, opt_b, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    recs_b: list = []
+    _train(model_b, opt_b, rank, 6, spikes=spikes, start=10, records=recs_b)
+    return {
+        "recs_a": recs_a,
+        "recs_b": recs_b,
+        "exact": same(final_a, snapshot(model_b, opt_b)),
+        "template_steps": steps_after_template,
+    }
+
+
 SCENARIOS = {
     "dtensor_placements": sc_dtensor_placements,
     "fsdp2_energy": sc_fsdp2_energy,
@@ -269,6 +308,7 @@ SCENARIOS = {
     "fsdp2_gate": sc_fsdp2_gate,
     "ddp": sc_ddp,
     "fsdp2_checkpoint": sc_fsdp2_checkpoint,
+    "fsdp2_dcp": sc_fsdp2_dcp,
 }
 
 
@@ -390,4 +430,12 @@ def test_fsdp2_checkpoint_resumes_bit_exact(results):
     for r in get(results, "fsdp2_checkpoint"):
         assert r["recs_a"] == r["recs_b"]
         assert any(g for *_, g, _ in r["recs_a"])  # the resumed segment contains a gated step
+        assert r["exact"]
+
+
+def test_fsdp2_dcp_checkpoint_resumes_bit_exact(results):
+    for r in get(results, "fsdp2_dcp"):
+        assert r["template_steps"] == 0
+        assert r["recs_a"] == r["recs_b"]
+        assert any(g for *_, g, _ in r["recs_a"])
         assert r["exact"]
