@@ -98,9 +98,12 @@ class Recorder(TrainerCallback):
         )
 
 
-def run(tmp_path, *, max_steps: int, max_grad_norm: float, gate: GateConfig, spike_at=None, accum: int = 1):
+def run(tmp_path, *, max_steps: int, max_grad_norm: float, gate: GateConfig, spike_at=None, accum: int = 1,
+        user_optimizer: bool = False):
     tok = make_tokenizer()
     model = make_model(tok)
+    # the user's own optimizer (wrapped by the trainer) or the one the Trainer builds (args.optim)
+    optimizers = (torch.optim.AdamW(model.parameters(), lr=LR, fused=True), None) if user_optimizer else (None, None)
     prompts = [" ".join(WORDS[(i + j) % 8] for j in range(3)) for i in range(16)]
     ds = datasets.Dataset.from_dict({"prompt": prompts})
     args = GRPOConfig(
@@ -136,8 +139,11 @@ def run(tmp_path, *, max_steps: int, max_grad_norm: float, gate: GateConfig, spi
             processing_class=tok,
             callbacks=[rec],
             dgg_config=gate,
+            optimizers=optimizers,
         )
         trainer.train()
+    if user_optimizer:
+        assert trainer.gated_optimizer.optimizer is optimizers[0]
     return trainer, rec.rows
 
 
@@ -153,6 +159,8 @@ def test_grpo_passes_preclip_energy_lr_and_logs(tmp_path):
     assert trainer.args.steps_per_generation == 2
     assert isinstance(trainer.gated_optimizer, GatedOptimizer)
     assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"  # the wrapper accelerate hides
+    inner = trainer.gated_optimizer.optimizer  # built by the Trainer (args.optim): torch's fused AdamW, sync-free
+    assert isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")
     assert [r["k"] for r in rows] == [1, 2, 3, 4] * (max_steps // K)
     assert [r["gate_k"] for r in rows] == [r["k"] for r in rows]
     assert trainer.dgg_generations == [0, 4]  # TRL's own schedule when nothing trips
@@ -181,7 +189,7 @@ def test_grpo_forced_trip_regenerates_next_step(tmp_path):
     # tau so large that only the injected spike (energy x 1e8) can trip; the first-pass window (size 2) is full
     # after the buffers generated at steps 0 and 4, so the k=2 pass of the third buffer (step 9) can be gated.
     gate = GateConfig(window=2, tau=1e6, max_reuse=K)
-    trainer, rows = run(tmp_path, max_steps=max_steps, max_grad_norm=0.0, gate=gate, spike_at=9)
+    trainer, rows = run(tmp_path, max_steps=max_steps, max_grad_norm=0.0, gate=gate, spike_at=9, user_optimizer=True)
     assert [r["k"] for r in rows] == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 1, 2]
     assert [r["step"] for r in rows if r["gated"]] == [9]
     assert [r["step"] for r in rows if r["skipped"]] == [9]
