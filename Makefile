@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1
 
 .PHONY: venv test demo bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,trl]"

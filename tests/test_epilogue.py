@@ -75,22 +75,22 @@ def assert_states_match(ref: GateState, got: GateState, tau: float, where: str) 
     return True
 
 
-def run_and_compare(impl: str, config: GateConfig, seq, *, partials_split: int = 1) -> int:
+def run_and_compare(impl: str, config: GateConfig, seq, *, partials_split: int = 1, device: str = "cpu") -> int:
     """Run ``seq`` through both implementations; returns the number of trips seen (so tests can check coverage)."""
-    ref = GateState.create(config.window, "cpu")
-    got = GateState.create(config.window, "cpu")
+    ref = GateState.create(config.window, device)
+    got = GateState.create(config.window, device)
     trips = 0
     for i, (k, e, ext) in enumerate(seq):
         _set_reuse(ref, k)
         _set_reuse(got, k)
-        energy = torch.tensor(e, dtype=torch.float32)
-        ext_t = None if ext is None else torch.tensor(ext, dtype=torch.float32)
+        energy = torch.tensor(e, dtype=torch.float32, device=device)
+        ext_t = None if ext is None else torch.tensor(ext, dtype=torch.float32, device=device)
         skip_ref = gate_step_(ref, energy, config, external_skip=ext_t, impl="reference")
         fused_in = energy
         if partials_split > 1 and math.isfinite(e) and (e == 0.0 or 1e-30 < abs(e) < 1e37):
             # the same energy as partial sums that add up exactly (powers of two split)
             parts = [e / 2.0, e / 4.0, e / 4.0] if partials_split == 3 else [e]
-            fused_in = torch.tensor(parts, dtype=torch.float32)
+            fused_in = torch.tensor(parts, dtype=torch.float32, device=device)
         skip_got = gate_step_(got, fused_in, config, external_skip=ext_t, impl=impl)
         assert skip_got is got.skip
         assert skip_ref.item() == ref.skip.item()

@@ -192,3 +192,14 @@ def test_import_without_build_falls_back_and_warns_once():
     proc = subprocess.run([sys.executable, "-c", _NO_BUILD], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DGG_RUN_SLOW") != "1", reason="a 4.3 GB bf16 tensor: DGG_RUN_SLOW=1")
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="dgg_fused._C not built")
+def test_cpp_more_than_2_31_elements():
+    n = 2**31 + 2**20 + 5
+    x = torch.full((n,), 0.5, dtype=torch.bfloat16)
+    x[2**31 :] = 4.0  # the elements past 2**31 weigh 16.8M in the sum: a 32-bit offset would miss or misplace them
+    exact = 2**31 * 0.25 + (n - 2**31) * 16.0  # every block and chunk sum is exact; only the final rounding is not
+    assert grad_sumsq([x], backend="cpp").item() == torch.tensor(exact, dtype=torch.float64).float().item()

@@ -12,7 +12,8 @@ Stage 2 (``_sumsq_finalize_kernel``): one program sums the ``P`` partials in flo
 ``P`` depends only on the element count, never on the device, so the same input gives the same bits on any GPU.
 The tensor table (address, start, numel, dtype code) lives on the device; on CUDA it is built once per distinct
 set of gradient buffers (cached by address, copied from pinned memory without a sync), so steady-state training
-steps and CUDA-graph replays do no host-to-device traffic.
+steps and CUDA-graph replays do no host-to-device traffic (tables used while a graph is captured are kept for
+the life of the process; other ones are evicted least-recently-used).
 """
 
 from __future__ import annotations
@@ -106,22 +107,27 @@ def plan(numels: Sequence[int]) -> tuple[int, int, list[int]]:
 
 _TABLES: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
 _MAX_TABLES = 16
+_CAPTURED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # tables used inside CUDA-graph captures
 
 
 def _device_table(rows: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(rows, dtype=torch.int64).reshape(-1)
     key = (device.index, tuple(rows))
-    hit = _TABLES.get(key)
-    if hit is not None:
+    capturing = torch.cuda.is_current_stream_capturing()
+    hit = _CAPTURED.get(key) or _TABLES.get(key)
+    if hit is None:
+        host = torch.tensor(rows, dtype=torch.int64).reshape(-1).pin_memory()
+        hit = (host, host.to(device, non_blocking=True))  # the pinned source stays referenced with the table
+    if capturing:  # a CUDA graph will read this table at every replay: never evict it
+        _CAPTURED[key] = hit
+        _TABLES.pop(key, None)
+    elif key not in _CAPTURED:
+        _TABLES[key] = hit
         _TABLES.move_to_end(key)
-        return hit[1]
-    host = torch.tensor(rows, dtype=torch.int64).reshape(-1).pin_memory()
-    dev = host.to(device, non_blocking=True)  # the pinned source stays referenced by the cache entry
-    _TABLES[key] = (host, dev)
-    if len(_TABLES) > _MAX_TABLES:
-        _TABLES.popitem(last=False)
-    return dev
+        if len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
+    return hit[1]
 
 
 def sumsq_partials(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
