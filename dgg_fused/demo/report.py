@@ -8,8 +8,8 @@ Definitions (also printed under the table):
   the fixed held-out set at the end.
 * ``target``: the single-use arm's (``k1``) ``final`` on the same task and seed. ``rollouts to target`` is the
   number of rollouts consumed when the trailing ``smooth``-batch moving average of ``reward`` first reaches it
-  (``wall to target`` likewise in seconds); seeds that never reach it are counted in ``reached`` and left out of the
-  mean.
+  (``wall to target`` likewise in seconds); ``reached`` counts the seeds that reach it (of those with a ``k1`` run);
+  the others are left out of the mean.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def aggregate(rows: list[dict[str, Any]], arm_order: Sequence[str]) -> list[dict
                 continue
             fr, fr_sd = _mean_sd([r["final_reward"] for r in rs])
             gr, _ = _mean_sd([r["final_greedy"] for r in rs])
-            reached = [r for r in rs if r["rollouts_to_target"] is not None]
+            with_target = [r for r in rs if not math.isnan(r["target"])]
+            reached = [r for r in with_target if r["rollouts_to_target"] is not None]
             rt, rt_sd = _mean_sd([r["rollouts_to_target"] for r in reached])
             wt, _ = _mean_sd([r["wall_to_target"] for r in reached])
             # per-seed speed-up vs k1 (only seeds where both reached the target)
@@ -127,6 +128,7 @@ def aggregate(rows: list[dict[str, Any]], arm_order: Sequence[str]) -> list[dict
                 "final_reward_sd": fr_sd,
                 "final_greedy": gr,
                 "reached": len(reached),
+                "with_target": len(with_target),
                 "rollouts_to_target": rt,
                 "rollouts_to_target_sd": rt_sd,
                 "speedup_rollouts": statistics.fmean(sp) if sp else float("nan"),
@@ -160,7 +162,7 @@ def format_table(agg: list[dict[str, Any]]) -> str:
     for a in agg:
         lines.append(
             f"| {a['task']} | {a['arm']} | {a['seeds']} | {_f(a['final_reward'])} ± {_f(a['final_reward_sd'])} | "
-            f"{_f(a['final_greedy'], '.2f')} | {a['reached']}/{a['seeds']} | "
+            f"{_f(a['final_greedy'], '.2f')} | {a['reached']}/{a['with_target']} | "
             f"{_f(a['rollouts_to_target'], '.0f')} ± {_f(a['rollouts_to_target_sd'], '.0f')} | "
             f"{_f(a['speedup_rollouts'], '.2f')} | {_f(a['wall_to_target'], '.1f')} | {_f(a['speedup_wall'], '.2f')} | "
             f"{_f(a['passes_per_batch'], '.2f')} | {_f(a['trips'], '.1f')} | "
