@@ -152,8 +152,11 @@ def gate_step_(
 
     ``impl`` picks the implementation (``dgg_fused.ops.resolve_epilogue``): ``"reference"`` is the torch code
     below; ``"triton"``/``"cuda"``/``"cpp"`` run the same rule fused in one launch / one call (``energy`` may then
-    also be a 1-D tensor of partial sums, added in order); ``"auto"`` takes a fused one on CUDA, else the reference.
+    also be a 1-D tensor of partial sums, added in order); ``"auto"`` takes a fused one on CUDA, else the reference
+    (also under ``torch.compile``, where Inductor fuses the reference's ops).
     """
+    if impl == "auto" and torch.compiler.is_compiling():
+        impl = "reference"  # under torch.compile, Inductor fuses the reference's ops itself (no graph break)
     impl = resolve_epilogue(impl, state.skip.device)
     if impl != "reference":
         gate_epilogue_(

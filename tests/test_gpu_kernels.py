@@ -170,3 +170,21 @@ def test_gated_step_inside_cuda_graph():
         for p, q in zip(params, ref_model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert opt.get_metrics()["stopped_batches"] == ref_opt.get_metrics()["stopped_batches"] == 1
+
+
+def test_two_launches_per_gated_step():
+    """With the Triton backend the energy's stage 1 and the fused epilogue are the only kernels the gate adds."""
+    if resolve_epilogue("auto", torch.device("cuda")) != "triton":
+        pytest.skip("Triton not available")
+    model, opt = _cuda_model_and_opt(None, inner=lambda p: torch.optim.SGD(p, lr=1e-2, fused=True))
+    loss_fn(model, _cuda_batch(0)).backward()
+    opt.step()  # warm-up: compile, table cache
+    torch.cuda.synchronize()
+    opt.set_reuse_index(2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    ours = [k for k in kernels if "sgd" not in k.lower()]
+    assert sorted(ours) == ["_gate_epilogue_kernel", "_sumsq_partials_kernel"], kernels

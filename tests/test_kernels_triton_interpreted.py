@@ -82,3 +82,13 @@ def test_triton_epilogue_takes_triton_partials():
     gate_step_(a, grad_sumsq(ts, backend="triton"), cfg, impl="reference")
     gate_step_(b, parts, cfg, impl="triton")
     assert torch.equal(a.last[0], b.last[0]) and torch.equal(a.window, b.window)
+
+
+def test_grad_sumsq_partials_add_up_to_the_energy():
+    from dgg_fused.ops import grad_sumsq_partials
+
+    ts = [torch.randn(200_000).bfloat16(), torch.randn(77)]
+    parts = grad_sumsq_partials(ts, backend="triton")
+    assert parts is not None and parts.dim() == 1 and parts.numel() > 1
+    assert torch.equal(parts.double().sum().float(), grad_sumsq(ts, backend="triton"))
+    assert grad_sumsq_partials(ts, backend="torch") is None

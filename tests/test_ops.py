@@ -203,3 +203,10 @@ def test_cpp_more_than_2_31_elements():
     x[2**31 :] = 4.0  # the elements past 2**31 weigh 16.8M in the sum: a 32-bit offset would miss or misplace them
     exact = 2**31 * 0.25 + (n - 2**31) * 16.0  # every block and chunk sum is exact; only the final rounding is not
     assert grad_sumsq([x], backend="cpp").item() == torch.tensor(exact, dtype=torch.float64).float().item()
+
+
+def test_partials_path_only_for_triton():
+    from dgg_fused.ops import grad_sumsq_partials
+
+    for backend in CPU_BACKENDS:  # without the Triton backend the optimizer keeps the 0-d energy path
+        assert grad_sumsq_partials([torch.ones(3)], backend=backend) is None

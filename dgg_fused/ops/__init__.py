@@ -35,6 +35,7 @@ from .reference import grad_sumsq_reference
 
 __all__ = [
     "grad_sumsq",
+    "grad_sumsq_partials",
     "available_backends",
     "resolve_backend",
     "resolve_epilogue",
@@ -195,6 +196,19 @@ def grad_sumsq(tensors: Sequence[torch.Tensor] | torch.Tensor, *, backend: str =
     ts = _validate(tensors)
     name = resolve_backend(backend, ts[0].device, [t.dtype for t in ts])
     return torch.ops.dgg_fused.grad_sumsq(ts, name)
+
+
+def grad_sumsq_partials(tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> torch.Tensor | None:
+    """Stage 1 of the Triton reduction only: a 1-D float32 tensor of partial sums; their float64 sum, rounded once,
+    is ``grad_sumsq(tensors)`` (the finalize kernel does exactly that). One launch; the fused gate epilogue adds the partials itself, so a gated
+    step costs two launches. Returns None where that path does not apply (the resolved backend is not
+    ``"triton"``, or a tensor is a subclass such as a DTensor): call :func:`grad_sumsq` then."""
+    ts = _validate(tensors)
+    if any(type(t) is not torch.Tensor for t in ts):
+        return None
+    if resolve_backend(backend, ts[0].device, [t.dtype for t in ts]) != "triton":
+        return None
+    return _triton_module("triton_sumsq").sumsq_partials(ts)
 
 
 # ---------------------------------------------------------------------------------------------------- epilogue
