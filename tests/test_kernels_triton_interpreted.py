@@ -92,3 +92,8 @@ def test_grad_sumsq_partials_add_up_to_the_energy():
     assert parts is not None and parts.dim() == 1 and parts.numel() > 1
     assert torch.equal(parts.double().sum().float(), grad_sumsq(ts, backend="triton"))
     assert grad_sumsq_partials(ts, backend="torch") is None
+
+
+def test_opcheck_triton_backend():
+    for ts in ([torch.randn(33)], [torch.randn(4, 5).bfloat16(), torch.randn(0)]):
+        torch.library.opcheck(torch.ops.dgg_fused.grad_sumsq.default, (ts, "triton"))
