@@ -134,6 +134,7 @@ def gate_epilogue_(
     """One launch: the gate update on the state tensors (see :func:`dgg_fused.ops.gate_epilogue_`)."""
     w = window.shape[1]
     n = partials.numel()
+    wp = max(16, triton.next_power_of_2(w))
     _gate_epilogue_kernel[(1,)](
         partials, n,
         grad_scale if grad_scale is not None else partials,
@@ -141,6 +142,6 @@ def gate_epilogue_(
         window, w, filled, prev_energy, reuse_index, stopped.view(torch.int8), counters, last, skip,
         float(tau), float(std_floor),
         STAT=statistic, REF=reference, HAS_SCALE=grad_scale is not None, HAS_EXT=external_skip is not None,
-        PB=max(16, triton.next_power_of_2(n)), WP=max(16, triton.next_power_of_2(w)), TINY=_TINY,
-        num_warps=1,
+        PB=max(16, triton.next_power_of_2(n)), WP=wp, TINY=_TINY,
+        num_warps=min(8, max(1, wp // 256)),  # one warp for the usual windows (<= 256), more for huge ones
     )  # fmt: skip
