@@ -65,8 +65,8 @@ def test_triton_agrees_with_reference_backend():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.statistic}-{c.reference}-w{c.window}")
 def test_triton_epilogue_matches_reference(config):
-    run_and_compare("triton", config, sequence(3, n=22, adversarial=False))
-    run_and_compare("triton", config, sequence(4, n=22, adversarial=True), partials_split=3)
+    run_and_compare("triton", config, sequence(3, n=16, adversarial=False))
+    run_and_compare("triton", config, sequence(4, n=16, adversarial=True), partials_split=3)
 
 
 def test_triton_epilogue_takes_triton_partials():
