@@ -7,7 +7,9 @@ Benchmarks are not tests: nothing here asserts a timing. Knobs (environment vari
 * ``DGG_BENCH_CPU_ELEMS``: element budget of one scaled lm_head on CPU (default ``2**25``, see :func:`lm_head_shape`).
 * ``DGG_BENCH_FULL=1``: the real lm_head shapes on CPU too (about 2 GB per fp32 tensor; slow).
 * ``DGG_BENCH_STEP_PARAMS``: parameter count of the optimizer-step sets (default ``2**25`` CPU, ``2**30`` CUDA).
-* ``DGG_BENCH_ROUNDS``: timed rounds of each optimizer-step benchmark, and A/B pairs of the paired ratio (15).
+* ``DGG_BENCH_ROUNDS``: timed rounds of each optimizer-step benchmark, and the least A/B pairs of its paired ratio
+  (15); ``DGG_BENCH_PAIR_BUDGET_S`` (10): seconds the step pairs may take beyond that (up to 200 pairs).
+* ``DGG_BENCH_ENERGY_PAIR_BUDGET_S``: seconds of paired roofline comparison per energy method (3; 3 to 60 pairs).
 """
 
 from __future__ import annotations

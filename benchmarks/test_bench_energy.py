@@ -53,8 +53,8 @@ BASELINES = {
     "naive": lambda g: g.float().pow(2).sum(),
 }
 
-#: Seconds spent on the paired roofline comparison of one method (3 to 15 pairs within this budget).
-PAIR_BUDGET_S = float(os.environ.get("DGG_BENCH_PAIR_BUDGET_S", "1.5"))
+#: Seconds spent on the paired roofline comparison of one method (3 to 60 pairs within this budget).
+PAIR_BUDGET_S = float(os.environ.get("DGG_BENCH_ENERGY_PAIR_BUDGET_S", "3"))
 
 METHODS = ["roofline"] + [f"ours[{b}]" for b in BACKENDS] + list(BASELINES)
 
@@ -115,7 +115,7 @@ def test_energy_bandwidth(benchmark, model: str, dtype_name: str, method: str) -
     if method != "roofline":
         # The same-run roofline, paired: roofline and method alternate, so both see the same machine load.
         roof = _fn("roofline", g)
-        pairs = 1 if SMOKE else max(3, min(15, int(PAIR_BUDGET_S / max(t_one, 1e-6))))
+        pairs = 1 if SMOKE else max(3, min(60, int(PAIR_BUDGET_S / max(2 * t_one, 1e-6))))
         p = paired_ratios(roof, fn, pairs, setup=lambda: None)
         benchmark.extra_info.update(
             p, paired_roofline_frac=1.0 / p["paired_ratio_median"], min_roofline_frac=1.0 / p["paired_min_ratio"]

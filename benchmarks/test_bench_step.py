@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 
 import pytest
 import torch
@@ -59,7 +60,10 @@ TOTAL_PARAMS = int(os.environ.get("DGG_BENCH_STEP_PARAMS", str(DEFAULT_PARAMS)))
 HIDDEN = 16 if SMOKE else (3584 if IS_CUDA else 512)
 N_LAYERS = 2 if SMOKE else 28
 ROUNDS = 1 if SMOKE else int(os.environ.get("DGG_BENCH_ROUNDS", "15"))
-PAIRS = 2 if SMOKE else ROUNDS
+#: The paired A/B comparison takes at least ROUNDS pairs and as many more (up to 200) as fit in this many seconds.
+PAIR_BUDGET_S = float(os.environ.get("DGG_BENCH_PAIR_BUDGET_S", "10"))
+MIN_PAIRS = 2 if SMOKE else ROUNDS
+MAX_PAIRS = 2 if SMOKE else 200
 WINDOW = 8
 #: The float64 torch reference is the tests' oracle, not a production path: the step suite times it only when no
 #: compiled backend is available (or DGG_BENCH_STEP_ALL_BACKENDS=1); the energy suite always times every backend.
@@ -217,7 +221,12 @@ def test_step_overhead(benchmark, set_name: str, clip_name: str, variant: str) -
         ctx["bare_opt"], bare_step = make_bare(ps, clip)
         bare_step()
         sync()
-        info.update(paired_ratios(bare_step, step, PAIRS, flush))
+        t0 = time.perf_counter()
+        flush()
+        bare_step()
+        sync()
+        pairs = max(MIN_PAIRS, min(MAX_PAIRS, int(PAIR_BUDGET_S / (2 * (time.perf_counter() - t0)))))
+        info.update(paired_ratios(bare_step, step, pairs, flush))
         info["paired_overhead"] = info["paired_ratio_median"] - 1.0
         launches = count_cuda_launches(step)
         if launches is not None:
