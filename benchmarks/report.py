@@ -125,8 +125,8 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         return "", []
     cuda = any("launches_per_step" in b["extra_info"] and isinstance(b["extra_info"]["launches_per_step"], dict)
                for g in groups.values() for b in g.values())
-    head = ["param set", "step", "median ms", "overhead: paired median [IQR]", "min/min", "ideal",
-            "paired / ideal", "host syncs/step"]
+    head = ["param set", "step", "median ms", "added ms (paired)", "overhead: paired median [IQR]", "min/min",
+            "ideal", "paired / ideal", "host syncs/step"]
     if cuda:
         head += ["kernels/step (added)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -145,7 +145,7 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
                 label += ", clip"
             if v == "bare":
                 stepname = "bare AdamW(fused)" + (" + clip_grad_norm_" if clip else "")
-                cells = [label, stepname, f"{t * 1e3:.2f}", "—", "—", _pct(e["ideal_overhead"], 2), "—",
+                cells = [label, stepname, f"{t * 1e3:.2f}", "—", "—", "—", _pct(e["ideal_overhead"], 2), "—",
                          f"{e['host_syncs_per_step']:g}"]
                 if cuda:
                     cells.append("—")
@@ -158,7 +158,8 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             stepname = {"naive": "naive gate (`.item()`)"}.get(v, f"GatedOptimizer ({v[5:-1]})")
             if clip and v != "naive":
                 stepname += " max_grad_norm"
-            cells = [label, stepname, f"{t * 1e3:.2f}",
+            added = e.get("paired_b_median_s", 0) - e.get("paired_a_median_s", 0)
+            cells = [label, stepname, f"{t * 1e3:.2f}", f"{added * 1e3:+.2f}",
                      f"{_pct(paired, 2)} [{_pct(q1 - 1 if q1 else None, 1)}, {_pct(q3 - 1 if q3 else None, 1)}]",
                      _pct(mn - 1 if mn else None, 2),
                      _pct(ideal, 2), f"{paired / ideal:.1f}x" if paired is not None and ideal else "—",
@@ -172,7 +173,7 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
                           "added_kernels": e.get("added_kernels_per_step"), "gated_steps": e.get("gated_steps")})
     note = ("median ms: pytest-benchmark's median of the step alone. overhead = time / bare time - 1, from paired "
             "timings: the step and the bare step alternate (ABBA) in one loop on the same parameters; *paired median*: "
-            "median of the per-pair ratios [first, third quartile]; *min/min*: ratio of the two fastest steps "
+            "median of the per-pair ratios [first, third quartile]; *added ms*: difference of the two paired medians; *min/min*: ratio of the two fastest steps "
             "(contention only adds time, so on a loaded machine this estimates the uncontended ratio). ideal = lm_head gradient bytes / bytes the bare step moves (28 B/param for "
             "fused AdamW in fp32, +12 B/param for clipping). Host syncs counted with a TorchDispatchMode "
             "(`_local_scalar_dense`, `nonzero`, `equal`, blocking device-to-host copies).")
