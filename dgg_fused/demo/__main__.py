@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     for a in arms:
         print(f"  {a.name}: {a.describe()}")
+    if args.quick:
+        print("\n--quick is a plumbing check: its tiny policy barely learns the task, so these numbers mean nothing.")
     print(f"\n{len(results)} runs in {meta['elapsed_s']:.0f}s; wrote " + ", ".join(os.path.basename(p) for p in paths)
           + f" to {args.out}")
     return 0
