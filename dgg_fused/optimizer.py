@@ -464,9 +464,15 @@ class GatedOptimizer(torch.optim.Optimizer):
         src = self._gate.stopped
         if src.device.type == "cuda":
             self._host_stopped.copy_(src, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._stopped_event = ev
+            if torch.cuda.is_current_stream_capturing():
+                # An event recorded inside a CUDA-graph capture cannot be queried afterwards. The copy itself is
+                # captured and lands at each replay; reuse_stopped then reads the host buffer as it is (a late
+                # answer is safe: steps of a stopped batch are dropped on the device anyway).
+                self._stopped_event = None
+            else:
+                ev = torch.cuda.Event()
+                ev.record()
+                self._stopped_event = ev
         else:  # CPU: a plain copy costs nothing; other accelerators: a synchronising copy (no event API here)
             self._host_stopped.copy_(src)
 
