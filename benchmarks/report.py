@@ -40,6 +40,11 @@ def _pct(x: float | None, digits: int = 0) -> str:
     return "—" if x is None else f"{100 * x:.{digits}f}%"
 
 
+def _load(e: dict[str, Any]) -> str:
+    la = e.get("loadavg")
+    return f"{la[0]:.1f}" if la else "?"
+
+
 def _gbps(nbytes: float, s: float) -> float:
     return nbytes / s / 1e9
 
@@ -112,8 +117,14 @@ def energy_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]
             "the same bytes viewed as fp32, same run), from paired timings: the method and the roofline alternate, "
             "median of the per-pair ratios"
             + ("; [nom.] = fraction of the card's nominal bandwidth" if any_nominal else "")
-            + ". `→bfloat16` etc.: the result comes back in the input dtype.")
+            + ". `→bfloat16` etc.: the result comes back in the input dtype."
+            + _load_range(rows))
     return "\n".join(lines) + "\n\n" + note, facts
+
+
+def _load_range(rows: list[dict[str, Any]]) -> str:
+    loads = [b["extra_info"]["loadavg"][0] for b in rows if b["extra_info"].get("loadavg")]
+    return f" 1-minute load average during these rows: {min(loads):.1f}-{max(loads):.1f}." if loads else ""
 
 
 def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -126,7 +137,7 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     cuda = any("launches_per_step" in b["extra_info"] and isinstance(b["extra_info"]["launches_per_step"], dict)
                for g in groups.values() for b in g.values())
     head = ["param set", "step", "median ms", "added ms (paired)", "overhead: paired median [IQR]", "min/min",
-            "ideal", "paired / ideal", "host syncs/step"]
+            "ideal", "paired / ideal", "host syncs/step", "load"]
     if cuda:
         head += ["kernels/step (added)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -146,7 +157,7 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             if v == "bare":
                 stepname = "bare AdamW(fused)" + (" + clip_grad_norm_" if clip else "")
                 cells = [label, stepname, f"{t * 1e3:.2f}", "—", "—", "—", _pct(e["ideal_overhead"], 2), "—",
-                         f"{e['host_syncs_per_step']:g}"]
+                         f"{e['host_syncs_per_step']:g}", _load(e)]
                 if cuda:
                     cells.append("—")
                 lines.append("| " + " | ".join(cells) + " |")
@@ -163,7 +174,7 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
                      f"{_pct(paired, 2)} [{_pct(q1 - 1 if q1 else None, 1)}, {_pct(q3 - 1 if q3 else None, 1)}]",
                      _pct(mn - 1 if mn else None, 2),
                      _pct(ideal, 2), f"{paired / ideal:.1f}x" if paired is not None and ideal else "—",
-                     f"{e['host_syncs_per_step']:g}"]
+                     f"{e['host_syncs_per_step']:g}", _load(e)]
             if cuda:
                 lp = e.get("launches_per_step")
                 cells.append(f"{lp['kernels']:g} (+{e['added_kernels_per_step']:g})" if isinstance(lp, dict) else "—")
@@ -175,7 +186,7 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             "timings: the step and the bare step alternate (ABBA) in one loop on the same parameters; *paired median*: "
             "median of the per-pair ratios [first, third quartile]; *added ms*: difference of the two paired medians; *min/min*: ratio of the two fastest steps "
             "(contention only adds time, so on a loaded machine this estimates the uncontended ratio). ideal = lm_head gradient bytes / bytes the bare step moves (28 B/param for "
-            "fused AdamW in fp32, +12 B/param for clipping). Host syncs counted with a TorchDispatchMode "
+            "fused AdamW in fp32, +12 B/param for clipping). load: 1-minute load average when the row started. Host syncs counted with a TorchDispatchMode "
             "(`_local_scalar_dense`, `nonzero`, `equal`, blocking device-to-host copies).")
     return "\n".join(lines) + "\n\n" + note, facts
 
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(path.read_text())
     text = render(data)
     if args.save_compact:
-        args.save_compact.write_text(json.dumps(compact(data), indent=1, sort_keys=True) + "\n")
+        args.save_compact.write_text(json.dumps(compact(data), sort_keys=True, separators=(",", ":")) + "\n")
     if args.out:
         args.out.write_text(text)
     else:
