@@ -126,7 +126,7 @@ def parse_arm(spec: str, cfg: DemoConfig) -> ArmSpec:
         return ArmSpec(spec, "fixed", K)
     if base == "kl":
         return ArmSpec(spec, "kl", K, target_kl=float(kw.get("target_kl", cfg.target_kl)))
-    if base == "dgg":
+    if base in ("dgg", "dggu"):  # same gate config; dggu feeds it the unused-row update norm instead
         gate = GateConfig(
             window=int(kw.get("window", cfg.window)),
             tau=float(kw.get("tau", cfg.tau)),
@@ -134,16 +134,7 @@ def parse_arm(spec: str, cfg: DemoConfig) -> ArmSpec:
             statistic=kw.get("statistic", cfg.statistic),
             reference=kw.get("reference", cfg.reference),
         )
-        return ArmSpec(spec, "dgg", K, gate=gate)
-    if base == "dggu":
-        gate = GateConfig(
-            window=int(kw.get("window", cfg.window)),
-            tau=float(kw.get("tau", cfg.tau)),
-            max_reuse=K,
-            statistic=kw.get("statistic", cfg.statistic),
-            reference=kw.get("reference", cfg.reference),
-        )
-        return ArmSpec(spec, "dggu", K, gate=gate)
+        return ArmSpec(spec, base, K, gate=gate)
     raise ValueError(f"unknown arm {spec!r}: use k1, k2, naive, kl, dgg or dggu (optionally with :key=value,...)")
 
 
