@@ -80,6 +80,21 @@ DGG_AVX2 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Shared end of both AVX2 block kernels: the four accumulators in a fixed tree, plus the scalar tail [i, n).
+template <typename T>
+DGG_AVX2 inline float finish_block(__m256 a0, __m256 a1, __m256 a2, __m256 a3, const T* p, int64_t i, int64_t n) {
+  float tail = 0.0f;
+  for (; i < n; ++i) {
+    const float x = to_float(p[i]);
+    tail += x * x;
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h) + tail;
+}
+
 template <typename T>
 DGG_AVX2 float block_sumsq_avx2(const T* p, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -91,16 +106,7 @@ DGG_AVX2 float block_sumsq_avx2(const T* p, int64_t n) {
     a2 = _mm256_fmadd_ps(x2, x2, a2);
     a3 = _mm256_fmadd_ps(x3, x3, a3);
   }
-  float tail = 0.0f;
-  for (; i < n; ++i) {
-    const float x = to_float(p[i]);
-    tail += x * x;
-  }
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h) + tail;
+  return finish_block(a0, a1, a2, a3, p, i, n);
 }
 
 // bf16: one 32-byte load holds 16 values; (v << 16) is the even ones as float32, (v & 0xffff0000) the odd ones.
@@ -123,16 +129,7 @@ DGG_AVX2 float block_sumsq_avx2<c10::BFloat16>(const c10::BFloat16* p, int64_t n
     a2 = _mm256_fmadd_ps(x2, x2, a2);
     a3 = _mm256_fmadd_ps(x3, x3, a3);
   }
-  float tail = 0.0f;
-  for (; i < n; ++i) {
-    const float x = to_float(p[i]);
-    tail += x * x;
-  }
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h) + tail;
+  return finish_block(a0, a1, a2, a3, p, i, n);
 }
 
 bool cpu_has_avx2() {
