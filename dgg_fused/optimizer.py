@@ -307,9 +307,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         """The one place the lm_head energy is computed: 0-d float32 on the gradients' device, no sync."""
         # DTensor (FSDP2 / TP) shards and energy_group shards are all-reduced; otherwise exactly grad_sumsq.
         e = global_grad_sumsq(self._lm_head_grads(), backend=self.backend, group=self.energy_group)
-        if grad_scale is not None:
-            e = e / grad_scale.to(device=e.device, dtype=torch.float32).square()
-        return e
+        return _unscale(e, grad_scale)
 
     def _measure_energy_partials(self, grad_scale: torch.Tensor | None) -> torch.Tensor | None:
         """The CUDA fast path of :meth:`_measure_energy` for the fused (Triton) gate epilogue: stage-1 partial sums
@@ -350,9 +348,7 @@ class GatedOptimizer(torch.optim.Optimizer):
             lm_energy = lm_energy.sum(dtype=torch.float64)
         total = lm_energy.to(torch.float32)
         if rest:
-            r = global_grad_sumsq(rest, backend=self.backend)
-            if grad_scale is not None:
-                r = r / grad_scale.to(device=r.device, dtype=torch.float32).square()
+            r = _unscale(global_grad_sumsq(rest, backend=self.backend), grad_scale)
             total = total + r.to(total.device)
         norm = total.sqrt()
         coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -572,6 +568,13 @@ class GatedOptimizer(torch.optim.Optimizer):
 # The hooks are run by GatedOptimizer.step itself (around the whole gated step); tell torch not to wrap it again,
 # which would also run torch's *global* optimizer hooks twice (once here, once for the inner optimizer).
 GatedOptimizer.step.hooked = True  # type: ignore[attr-defined]
+
+
+def _unscale(energy: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """A sum of squares of GradScaler-scaled gradients, divided back by ``grad_scale**2`` (on the device)."""
+    if grad_scale is None:
+        return energy
+    return energy / grad_scale.to(device=energy.device, dtype=torch.float32).square()
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
