@@ -28,6 +28,11 @@ Example::
             opt.zero_grad()
         log(mon.weight_change())         # {"lm_head": .., "lm_head/used": .., "lm_head/unused": .., "attention": ..}
 
+:class:`HarmOracle` answers a different question: is a given reuse step *harmful*? It records, per optimizer
+step, the change of an exact held-out metric (the testbed's exact expected reward) together with any candidate
+gate signals (the gate's Z-score, approximate KL, clip fraction, ...), and then scores each signal directly: its
+AUC for harmful steps (:func:`signal_auc`) and what removing its trips would have changed (:func:`trip_effect`).
+
 Every method here reads values to the host (``.item()``): the monitor is a diagnostic, not part of the fast path.
 Call it every step in a small experiment, or every N steps in a large one. Parameter snapshots cost one copy of
 every tracked parameter (``W0``) plus one copy of the lm_head weight while a step is in flight.
@@ -37,12 +42,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DWDMonitor", "classify_parameters", "GROUP_ORDER"]
+__all__ = ["DWDMonitor", "classify_parameters", "GROUP_ORDER", "HarmOracle", "TripEffect", "auc", "signal_auc",
+           "trip_effect"]
 
 #: The default groups, in display order. ``"lm_head"`` is found by identity; the rest by parameter name.
 GROUP_ORDER = ("lm_head", "attention", "mlp", "embeddings", "other")
@@ -280,3 +287,143 @@ class DWDMonitor:
         if not base:
             return {}
         return {k: v / base for k, v in med.items()}
+
+
+# ---------------------------------------------------------------------------------------------- harm oracle
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positive`` class: the probability that a random positive
+    scores above a random negative, ties counting one half (the Mann-Whitney statistic). NaN when a class is
+    empty or a score is NaN."""
+    if len(scores) != len(positive):
+        raise ValueError(f"auc: {len(scores)} scores for {len(positive)} labels")
+    if any(s != s for s in scores):
+        return float("nan")
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return float("nan")
+    # rank-sum with average ranks for ties: O(n log n)
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    r_pos = sum(r for r, p in zip(ranks, positive) if p)
+    n_p, n_n = len(pos), len(neg)
+    return (r_pos - n_p * (n_p + 1) / 2.0) / (n_p * n_n)
+
+
+def _reuse_steps(steps: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [s for s in steps if int(s["reuse_index"]) > 1]
+
+
+def signal_auc(steps: Sequence[Mapping[str, Any]], signal: str) -> float:
+    """AUC of ``signal`` for *harmful* reuse steps (reuse index k > 1 whose ``delta`` < 0), over ``steps``
+    (dicts with ``reuse_index``, ``delta`` and the signal; e.g. :attr:`HarmOracle.steps`). 0.5 = blind; above
+    0.5 = the signal is higher on harmful steps, as a gate that trips on high values needs."""
+    rs = _reuse_steps(steps)
+    return auc([float(s[signal]) for s in rs], [float(s["delta"]) < 0.0 for s in rs])
+
+
+@dataclass(frozen=True)
+class TripEffect:
+    """What a threshold rule on one signal would have removed from a recorded (never-gated) run.
+
+    ``trips``: batches where the signal exceeded the threshold on a reuse step; ``removed_steps``: that step and
+    every later step of its batch (a trip ends reuse); ``removed_delta``: the sum of their metric changes (negative
+    = the rule would have removed harm); ``random_delta``: the same number of reuse steps at the run's mean reuse
+    step change (what a rule that stops at random would remove, on average). The sum of per-step changes is a
+    first-order estimate: later steps would have started elsewhere had an earlier one been dropped.
+    """
+
+    trips: int
+    removed_steps: int
+    removed_delta: float
+    random_delta: float
+
+
+def trip_effect(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> TripEffect:
+    """:class:`TripEffect` of the rule "on a reuse step, trip when ``signal > threshold``" over ``steps`` (dicts
+    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order)."""
+    tripped: set[Any] = set()
+    trips = removed = 0
+    removed_delta = 0.0
+    for s in steps:
+        b = s["batch"]
+        if b in tripped:
+            removed += 1
+            removed_delta += float(s["delta"])
+            continue
+        if int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
+            tripped.add(b)
+            trips += 1
+            removed += 1
+            removed_delta += float(s["delta"])
+    rs = _reuse_steps(steps)
+    mean_reuse = statistics.fmean(float(s["delta"]) for s in rs) if rs else 0.0
+    return TripEffect(trips, removed, removed_delta, removed * mean_reuse)
+
+
+class HarmOracle:
+    """Per optimizer step: the change of an exact held-out metric, beside candidate gate signals.
+
+    Args:
+        evaluate: returns the metric for the current weights (e.g. ``lambda: heldout.expected_reward(model)``);
+            called once before the first step and once after every step.
+
+    Usage (a run that never gates, so that every step's effect is seen)::
+
+        oracle = HarmOracle(lambda: heldout.expected_reward(model))
+        for batch in batches:
+            for k in range(1, K + 1):
+                for mb in minibatches:
+                    loss.backward(); ...
+                    oracle.begin_step(batch=i, reuse_index=k, z_energy=z, approx_kl=kl)   # signals as floats
+                    opt.step()
+                    oracle.end_step()
+        signal_auc(oracle.steps, "approx_kl"); trip_effect(oracle.steps, "approx_kl", 0.02)
+
+    Attributes:
+        steps: one dict per step: ``batch``, ``reuse_index``, ``before``, ``after``, ``delta`` and the signals.
+    """
+
+    def __init__(self, evaluate: Callable[[], float]) -> None:
+        self.evaluate = evaluate
+        self.steps: list[dict[str, Any]] = []
+        self._value: float | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def begin_step(self, *, batch: Any, reuse_index: int, **signals: float) -> None:
+        """Record the signals of the step about to be taken (call just before ``optimizer.step()``)."""
+        if self._pending is not None:
+            raise RuntimeError("HarmOracle.begin_step: the previous step has no end_step()")
+        if self._value is None:
+            self._value = float(self.evaluate())
+        self._pending = {"batch": batch, "reuse_index": int(reuse_index), "before": self._value,
+                         **{k: float(v) for k, v in signals.items()}}
+
+    def end_step(self) -> dict[str, Any]:
+        """Evaluate the metric after the step; append and return the step's entry."""
+        if self._pending is None:
+            raise RuntimeError("HarmOracle.end_step: call begin_step() first")
+        after = float(self.evaluate())
+        entry = self._pending
+        self._pending = None
+        entry["after"] = after
+        entry["delta"] = after - entry["before"]
+        self._value = after
+        self.steps.append(entry)
+        return entry
+
+    def auc(self, signal: str) -> float:
+        """:func:`signal_auc` over the recorded steps."""
+        return signal_auc(self.steps, signal)
+
+    def trip_effect(self, signal: str, threshold: float) -> TripEffect:
+        """:func:`trip_effect` over the recorded steps."""
+        return trip_effect(self.steps, signal, threshold)

@@ -1,112 +1,175 @@
-"""The RLVR demo end to end (--quick) and the rollout/step accounting of every arm."""
+"""The RLVR testbed: end to end, determinism (threads, parallel processes), accounting, the frozen control."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
+from dgg_fused import GateConfig
 from dgg_fused.demo.__main__ import main
+from dgg_fused.demo.arms import FixedReuse, Gated, HostKLStop, parse_arm
 from dgg_fused.demo.model import ModelConfig
-from dgg_fused.demo.run import DemoConfig, parse_arm, prepare_task, run_arm
+from dgg_fused.demo.report import summarize
+from dgg_fused.demo.run import DemoConfig, RunResult, prepare_task, run_arm
 from dgg_fused.demo.tasks import ReversalTask
-from dgg_fused.demo.warmstart import WarmStartConfig, warm_start
+from dgg_fused.demo.warmstart import WarmStartConfig, cache_key, warm_start
 
-
-def test_quick_end_to_end(tmp_path, capsys):
-    out = tmp_path / "out"
-    rc = main(["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
-    assert rc == 0
-    for f in ("results.json", "summary.csv", "table.csv", "history.csv", "table.md", "reward_vs_rollouts.png",
-              "reward_vs_wall.png", "dwd.png", "reuse_energy.png"):
-        assert (out / f).stat().st_size > 0, f
-    res = json.loads((out / "results.json").read_text())
-    arms = {r["arm"] for r in res["runs"]}
-    assert arms == {"k1", "naive", "k2", "kl", "dgg"}
-    assert {r["task"] for r in res["runs"]} == {"addition2", "reversal5"}
-    printed = capsys.readouterr().out
-    assert "| task | arm |" in printed and "final reward" in printed
-    # the warm start is cached: a second run loads it
-    main(["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-plots",
-          "--task", "reversal", "--arms", "k1"])
-    assert "loaded from cache" in capsys.readouterr().out
-    # --from-runs rebuilds the table (with per-seed comparisons) without training
-    rebuilt = tmp_path / "rebuilt"
-    main(["--from-runs", str(out / "runs.jsonl"), "--out", str(rebuilt), "--no-progress", "--no-plots"])
-    printed = capsys.readouterr().out
-    assert "| reversal5 | k1 |" in printed and "Per-seed comparisons" in printed
-    assert (rebuilt / "table.md").stat().st_size > 0
+TINY = DemoConfig(iters=3, prompts=4, group=4, minibatches=2, eval_every=3, n_heldout=8, warmup_iters=1, lr=1e-3,
+                  model=ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64),
+                  warm=WarmStartConfig(steps=150, batch=32))
 
 
 @pytest.fixture(scope="module")
 def small():
     task = ReversalTask(length=2, alphabet=3)
-    cfg = DemoConfig(iters=3, prompts=4, group=4, minibatches=2, eval_every=3, n_eval=8, warmup_iters=1, lr=1e-3,
-                     model=ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64),
-                     warm=WarmStartConfig(steps=150, batch=32, label_noise=0.25))
-    pt = prepare_task(task, cfg)
-    state, _ = warm_start(task, pt.tokenizer, cfg.model, cfg.warm, 0, None)
-    res = run_arm(pt, parse_arm("k1", cfg), cfg, 0, state)
-    rewards = [h["reward"] for h in res["history"][1:]]
+    pt = prepare_task(task, TINY)
+    state, _ = warm_start(task, pt.tokenizer, TINY.model, TINY.warm, 0, None)
+    res = run_arm(pt, parse_arm("k1", TINY.gate, TINY.target_kl), TINY, 0, state)
+    rewards = [h.reward for h in res.history[1:]]
     assert 0.0 < min(rewards) and max(rewards) < 1.0  # non-trivial advantages: the arms really update
-    return pt, cfg, state
+    return pt, state
+
+
+def _numbers(res: RunResult):
+    """Everything a run reports except wall-clock time."""
+    d = res.to_dict()
+    for h in d["history"]:
+        h.pop("wall")
+    return d
+
+
+def test_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--jobs", "1",
+               "--arms", "k1,naive,dgg"])
+    assert rc == 0
+    for f in ("results.json", "summary.csv", "report.md", "runs.jsonl", "expected_reward.png"):
+        assert (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in res["summary"]} == {"k1", "naive", "dgg"}
+    assert {r["task"] for r in res["summary"]} == {"addition2", "reversal5"}
+    printed = capsys.readouterr().out
+    assert "| task | lr | arm |" in printed and "Harm oracle" in printed
+    # --from-runs rebuilds the same report without training
+    rebuilt = tmp_path / "rebuilt"
+    main(["--from-runs", str(out / "runs.jsonl"), "--out", str(rebuilt), "--no-progress", "--no-plots",
+          "--arms", "k1,naive,dgg"])
+    assert (rebuilt / "report.md").read_text() == (out / "report.md").read_text()
+
+
+def test_same_numbers_at_one_and_two_threads(small):
+    pt, _ = small
+    arm = parse_arm("naive", TINY.gate, TINY.target_kl)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            state, cached = warm_start(pt.task, pt.tokenizer, TINY.model, TINY.warm, 1, None)
+            out.append((state, _numbers(run_arm(pt, arm, TINY, 1, state))))
+            assert torch.get_num_threads() == n  # restored after the run
+    finally:
+        torch.set_num_threads(before)
+    (s1, r1), (s2, r2) = out
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert r1 == r2
+
+
+def test_cache_key_covers_what_the_warm_start_depends_on():
+    t = ReversalTask(length=2, alphabet=3)
+    k = cache_key(t, TINY.model, TINY.warm, 0)
+    assert k != cache_key(t, TINY.model, TINY.warm, 1)
+    assert k != cache_key(ReversalTask(length=2, alphabet=4), TINY.model, TINY.warm, 0)
+    assert k != cache_key(t, dataclasses.replace(TINY.model, hidden_size=16), TINY.warm, 0)
+    assert k != cache_key(t, TINY.model, dataclasses.replace(TINY.warm, label_noise=0.1), 0)
+    assert k == cache_key(ReversalTask(length=2, alphabet=3), TINY.model, TINY.warm, 0)
+
+
+def test_alone_and_in_parallel_give_the_same_runs(tmp_path):
+    args = ["--quick", "--task", "reversal", "--arms", "k1,dgg", "--no-progress", "--no-plots", "--no-cache"]
+    main(args + ["--out", str(tmp_path / "a"), "--jobs", "1"])
+    main(args + ["--out", str(tmp_path / "b"), "--jobs", "2"])
+
+    def runs(d):
+        rows = [json.loads(x) for x in (tmp_path / d / "runs.jsonl").read_text().splitlines()]
+        for r in rows:
+            for h in r["history"]:
+                h.pop("wall")
+        return sorted(rows, key=lambda r: r["arm"])
+
+    assert runs("a") == runs("b")
+    assert (tmp_path / "a" / "report.md").read_text() == (tmp_path / "b" / "report.md").read_text()
+
+
+def test_observing_does_not_change_the_run(small):
+    pt, state = small
+    arm = parse_arm("naive", TINY.gate, TINY.target_kl)
+    plain = run_arm(pt, arm, TINY, 0, state)
+    seen = run_arm(pt, arm, TINY, 0, state, observe=True)
+    assert _numbers(plain)["history"] == _numbers(seen)["history"]
+    n_steps = TINY.iters * arm.max_reuse * TINY.minibatches
+    assert len(seen.steps) == n_steps and not plain.steps
+    # the oracle's per-step changes add up to the run's change of expected reward
+    total = sum(s["delta"] for s in seen.steps)
+    assert total == pytest.approx(seen.history[-1].expected - seen.history[0].expected, abs=1e-9)
+    assert {"z_energy", "energy", "approx_kl", "clip_frac", "ratio_max", "grad_norm"} <= set(seen.steps[0])
+
+
+def test_frozen_policy_never_reaches_the_target(small):
+    pt, state = small
+    k1 = run_arm(pt, parse_arm("k1", TINY.gate, TINY.target_kl), TINY, 0, state)
+    frozen = run_arm(pt, parse_arm("naive", TINY.gate, TINY.target_kl), dataclasses.replace(TINY, lr=0.0), 0, state)
+    assert {h.expected for h in frozen.history} == {frozen.history[0].expected}  # lr 0: the policy never moves
+    frozen = dataclasses.replace(frozen, arm="frozen", lr=k1.lr)  # judged against K=1's target of that seed
+    rows = {r["arm"]: r for r in summarize([k1, frozen])}
+    assert rows["frozen"]["censored"] is True
+    assert rows["frozen"]["rollouts_to_target"] == k1.counts.rollouts  # censored at the budget
+    assert rows["frozen"]["target"] >= rows["frozen"]["j0"] + 0.05
 
 
 @pytest.mark.parametrize("spec", ["k1", "k2", "naive", "kl", "kl:target_kl=1e-12", "dgg",
-                                  "dgg:tau=1e-6,window=2,statistic=increment,reference=all",
-                                  "dggu:tau=1e-6,window=2"])
+                                  "dgg:tau=1e-6,window=2,statistic=both,reference=all"])
 def test_arm_accounting(small, spec):
-    pt, cfg, state = small
-    arm = parse_arm(spec, cfg)
-    res = run_arm(pt, arm, cfg, 0, state)
-    c = res["counts"]
-    n = cfg.prompts * cfg.group
-    assert c["rollouts"] == cfg.iters * n and c["rollout_batches"] == cfg.iters
-    assert [h["rollouts"] for h in res["history"]] == [i * n for i in range(cfg.iters + 1)]
-    per_batch = [h["iter_passes"] for h in res["history"][1:]]
-    steps = [h["iter_steps"] for h in res["history"][1:]]
-    assert all(1 <= p <= arm.max_reuse for p in per_batch)
-    assert sum(per_batch) == c["passes"] and sum(steps) == c["steps_attempted"]
-    if arm.kind == "fixed":
-        assert per_batch == [arm.max_reuse] * cfg.iters
-        assert c["steps_attempted"] == c["steps_applied"] == cfg.iters * arm.max_reuse * cfg.minibatches
-    elif arm.kind == "kl":
-        assert c["steps_applied"] == c["steps_attempted"]
-        assert all(s >= cfg.minibatches for s in steps)  # pass 1 is never stopped
-        if arm.target_kl < 1e-9:  # any drift stops: exactly one pass of steps, the second pass stops at once
-            assert steps == [cfg.minibatches] * cfg.iters and per_batch == [2] * cfg.iters
-            assert c["trips"] == cfg.iters
+    pt, state = small
+    arm = parse_arm(spec, TINY.gate, TINY.target_kl)
+    res = run_arm(pt, arm, TINY, 0, state)
+    c = res.counts
+    n = TINY.prompts * TINY.group
+    mb = TINY.minibatches
+    assert c.rollouts == TINY.iters * n and c.rollout_batches == TINY.iters
+    assert [h.rollouts for h in res.history] == [i * n for i in range(TINY.iters + 1)]
+    passes = [h.passes for h in res.history[1:]]
+    steps = [h.steps for h in res.history[1:]]
+    assert sum(passes) == c.passes and sum(steps) == c.steps_attempted
+    assert all(1 <= p <= arm.max_reuse for p in passes) and all(s >= mb for s in steps)  # pass 1 is never cut
+    # steps_applied is AdamW's own step counter (a dropped step is undone there), not derived from the gate
+    if isinstance(arm, FixedReuse):
+        assert passes == [arm.max_reuse] * TINY.iters
+        assert c.steps_attempted == c.steps_applied == TINY.iters * arm.max_reuse * mb and c.trips == 0
+    elif isinstance(arm, HostKLStop):  # the host stop drops the step before backward: nothing gated
+        assert c.steps_applied == c.steps_attempted and c.gated_steps == 0
+        if arm.target_kl < 1e-9:  # any drift stops: one pass of steps, the second pass stops at its first step
+            assert steps == [mb] * TINY.iters and passes == [2] * TINY.iters and c.trips == TINY.iters
     else:
-        # DGG: every attempted step is either applied or gated; pass 1 is never gated
-        assert c["steps_applied"] + c["gated_steps"] == c["steps_attempted"]
-        assert c["gated_steps"] == c["trips"]  # the loop breaks right after a trip
-        assert all(s >= cfg.minibatches for s in steps)
-        assert c["trips"] <= cfg.iters
+        assert c.steps_applied + c.gated_steps == c.steps_attempted
+        assert c.gated_steps == c.trips  # the loop breaks right after a trip
+        assert c.trips <= TINY.iters
+        if arm.gate.tau < 1e-3:  # tiny tau, window 2 (full after one batch): it must trip
+            assert c.trips >= 1 and c.steps_applied < c.steps_attempted
 
 
 def test_parse_arm_overrides_and_errors():
-    cfg = DemoConfig()
-    a = parse_arm("dgg:tau=1.5,window=16,statistic=increment,reference=accepted,K=3", cfg)
-    assert (a.kind, a.max_reuse, a.gate.tau, a.gate.window, a.gate.statistic, a.gate.reference, a.gate.max_reuse) == (
-        "dgg", 3, 1.5, 16, "increment", "accepted", 3)
-    assert parse_arm("kl:target_kl=0.05", cfg).target_kl == 0.05
-    assert parse_arm("naive", cfg).max_reuse == cfg.K
-    with pytest.raises(ValueError):
-        parse_arm("dgg:bogus=1", cfg)
-    with pytest.raises(ValueError):
-        parse_arm("sgd", cfg)
-    with pytest.raises(ValueError):
-        parse_arm("dgg:statistic=nope", cfg)
-
-
-def test_prospective_adamw_update_matches_adamw():
-    torch.manual_seed(0)
-    from dgg_fused.demo.run import prospective_adamw_update
-
-    p = torch.nn.Parameter(torch.randn(5, 3))
-    opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0, fused=True)
-    for _ in range(3):
-        p.grad = torch.randn(5, 3)
-        want = prospective_adamw_update(opt, p)
-        before = p.detach().clone()
-        opt.step()
-        torch.testing.assert_close(p.detach() - before, want, rtol=1e-4, atol=1e-7)
+    g = GateConfig()
+    a = parse_arm("dgg:tau=1.5,window=16,statistic=increment,reference=accepted,K=3", g, 0.02)
+    assert isinstance(a, Gated) and a.max_reuse == 3
+    assert (a.gate.tau, a.gate.window, a.gate.statistic, a.gate.reference, a.gate.max_reuse) == (
+        1.5, 16, "increment", "accepted", 3)
+    assert parse_arm("dgg", g, 0.02).gate == g  # the paper's rule is the library default
+    assert parse_arm("kl:target_kl=0.05", g, 0.02) == HostKLStop("kl:target_kl=0.05", 4, 0.05)
+    assert parse_arm("naive", g, 0.02).max_reuse == g.max_reuse
+    assert parse_arm("k1", g, 0.02).max_reuse == 1 and parse_arm("k2", g, 0.02).max_reuse == 2
+    for bad in ("dgg:bogus=1", "sgd", "dgg:statistic=nope", "k1:tau=1", "dgg:tau"):
+        with pytest.raises(ValueError):
+            parse_arm(bad, g, 0.02)

@@ -61,3 +61,11 @@ def test_ppo_clip_loss_gradient_zero_when_clipped():
     loss.backward()
     # clipped token (ratio 1.5 > 1.2 with A > 0): no gradient; the other: d(-r A / 2)/dlogp = -r A / 2
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0], [-0.45]]))
+
+
+def test_ppo_clip_loss_ratio_max_ignores_masked_tokens():
+    old = torch.zeros(2, 2)
+    logp = torch.tensor([[0.3, -0.5], [0.1, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    _, st = ppo_clip_loss(logp, old, torch.tensor([1.0, -1.0]), mask)
+    torch.testing.assert_close(st["ratio_max"], torch.tensor(0.5))

@@ -117,3 +117,77 @@ def test_monitor_errors():
     with pytest.raises(RuntimeError):
         mon.end_step(1)
     assert "lm_head/used" not in mon.weight_change()
+
+
+# ------------------------------------------------------------------------------------------ harm oracle
+from dgg_fused.monitor import HarmOracle, TripEffect, auc, signal_auc, trip_effect  # noqa: E402
+
+
+def test_auc_hand_cases():
+    assert auc([1, 2, 3, 4], [False, False, True, True]) == 1.0
+    assert auc([1, 2, 3, 4], [True, True, False, False]) == 0.0
+    assert auc([5, 5, 5, 5], [True, False, True, False]) == 0.5
+    # positives {3, 1}, negatives {2, 0}: pairs (3>2, 3>0, 1<2, 1>0) -> 3/4
+    assert auc([3, 2, 1, 0], [True, False, True, False]) == 0.75
+    # a tie between a positive and a negative counts one half: pos {2}, neg {2, 1} -> (0.5 + 1) / 2
+    assert auc([2, 2, 1], [True, False, False]) == 0.75
+    assert math.isnan(auc([1, 2], [True, True]))
+    assert math.isnan(auc([float("nan"), 2], [True, False]))
+    with pytest.raises(ValueError):
+        auc([1], [True, False])
+
+
+def _steps():
+    # batch 1: k=1 (ignored by AUC / never trips), k=2 harmful with high s, k=2 helpful low s; batch 2 likewise
+    return [
+        {"batch": 1, "reuse_index": 1, "delta": -0.5, "s": 9.0},
+        {"batch": 1, "reuse_index": 2, "delta": -0.1, "s": 3.0},
+        {"batch": 1, "reuse_index": 2, "delta": +0.2, "s": 1.0},
+        {"batch": 2, "reuse_index": 1, "delta": +0.3, "s": 0.0},
+        {"batch": 2, "reuse_index": 2, "delta": +0.1, "s": 2.0},
+        {"batch": 2, "reuse_index": 3, "delta": -0.2, "s": 0.5},
+    ]
+
+
+def test_signal_auc_counts_reuse_steps_only():
+    # reuse steps: harmful s = {3.0, 0.5}, harmless s = {1.0, 2.0}: pairs 3>1, 3>2, 0.5<1, 0.5<2 -> 0.5
+    assert signal_auc(_steps(), "s") == 0.5
+    # by reuse index: harmful k = {2, 3}, harmless k = {2, 2}: pairs tie, tie, 3>2, 3>2 -> 3/4
+    assert signal_auc(_steps(), "reuse_index") == 0.75
+
+
+def test_trip_effect_hand_case():
+    # s > 2.5: batch 1 trips at its first reuse step (removes it and the next: -0.1 + 0.2); batch 2 never trips
+    e = trip_effect(_steps(), "s", 2.5)
+    mean_reuse = (-0.1 + 0.2 + 0.1 - 0.2) / 4
+    assert e == TripEffect(trips=1, removed_steps=2, removed_delta=pytest.approx(0.1), random_delta=pytest.approx(2 * mean_reuse))
+    # s > 0.4: both batches trip at their first reuse step; first-pass steps never trip
+    e = trip_effect(_steps(), "s", 0.4)
+    assert (e.trips, e.removed_steps) == (2, 4) and e.removed_delta == pytest.approx(0.0)
+    assert trip_effect(_steps(), "s", 100.0).removed_steps == 0
+
+
+def test_harm_oracle_records_changes_and_signals():
+    w = {"v": 0.0}
+    calls = []
+
+    def evaluate():
+        calls.append(w["v"])
+        return w["v"]
+
+    oracle = HarmOracle(evaluate)
+    for batch, k, new, sig in ((1, 1, 0.5, 0.1), (1, 2, 0.4, 0.9), (2, 1, 0.7, 0.2)):
+        oracle.begin_step(batch=batch, reuse_index=k, s=sig)
+        w["v"] = new
+        oracle.end_step()["late"] = 1.0
+    assert [round(s["delta"], 12) for s in oracle.steps] == [0.5, -0.1, 0.3]
+    assert [s["before"] for s in oracle.steps] == [0.0, 0.5, 0.4]
+    assert len(calls) == 4  # once before the first step, then once per step
+    assert oracle.steps[1]["s"] == 0.9 and oracle.steps[1]["late"] == 1.0
+    assert math.isnan(oracle.auc("s"))  # one reuse step: no negatives
+    assert oracle.trip_effect("s", 0.5).removed_delta == pytest.approx(-0.1)
+    with pytest.raises(RuntimeError):
+        oracle.end_step()
+    oracle.begin_step(batch=3, reuse_index=1)
+    with pytest.raises(RuntimeError):
+        oracle.begin_step(batch=3, reuse_index=1)

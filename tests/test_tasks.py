@@ -1,10 +1,20 @@
 """The demo's task interface: verifiers recompute the answer from the prompt; prompts are reproducible."""
 
+import itertools
 import random
 
 import pytest
 
-from dgg_fused.demo.tasks import AdditionTask, Example, ReversalTask, Task, check_task, load_task
+from dgg_fused.demo.tasks import (
+    AdditionTask,
+    Example,
+    ProductTask,
+    ReversalTask,
+    Task,
+    accepted_answers,
+    check_task,
+    load_task,
+)
 
 
 def test_addition_verifier_hand_cases():
@@ -30,7 +40,8 @@ def test_reversal_verifier_hand_cases():
     assert t.verify(Example("a b >", "x"), "b a") == 1.0
 
 
-@pytest.mark.parametrize("task", [AdditionTask(), AdditionTask(digits=3), ReversalTask(), ReversalTask(3, 4)])
+@pytest.mark.parametrize("task", [AdditionTask(), AdditionTask(digits=3), ReversalTask(), ReversalTask(3, 4),
+                                  ProductTask(), ProductTask(digits=3)])
 def test_prompts_reproducible_targets_verify(task):
     assert isinstance(task, Task)
     check_task(task)
@@ -69,3 +80,49 @@ def test_check_task_rejects_bad_tasks():
         check_task(Bad())
     with pytest.raises(TypeError):
         check_task(object())
+
+
+def test_product_verifier_hand_cases():
+    t = ProductTask(digits=2)
+    ex = Example("4 7 * 6 =", "2 8 2")
+    assert t.verify(ex, "2 8 2") == 1.0
+    assert t.verify(ex, "8 2") == 0.0
+    assert t.verify(ex, "2 8 2 0") == 0.0
+    assert t.verify(Example("9 9 * 9 =", "x"), "8 9 1") == 1.0
+    assert t.verify(Example("0 5 * 0 =", "x"), "0 0 0") == 1.0
+    assert t.answers(ex) == ["2 8 2"]
+    assert load_task("product").name == "product2x1"
+
+
+def _sequences(words, max_len):
+    seqs = [[]]
+    for n in range(1, max_len + 1):
+        seqs += [list(s) for s in itertools.product(words, repeat=n)]
+    return seqs
+
+
+@pytest.mark.parametrize("task", [AdditionTask(digits=1), ReversalTask(2, 3), ProductTask(digits=1)])
+def test_verifier_accepts_exactly_the_listed_answers(task):
+    """By enumeration on small instances: every completion of task words that fits before EOS (a completion
+    without EOS has max_new_tokens words, longer than any answer) is accepted iff it is in ``answers``. So the
+    exact expected reward is the probability of the one listed answer followed by EOS."""
+    seqs = _sequences(task.words, task.max_new_tokens - 1)
+    for ex in task.make_prompts(random.Random(3), 6):
+        accepted = {" ".join(s) for s in seqs if task.verify(ex, " ".join(s)) == 1.0}
+        assert accepted == set(task.answers(ex)) and len(accepted) == 1
+        assert all(len(a.split()) == task.max_new_tokens - 1 for a in accepted)
+    ans, exact = accepted_answers(task, ex)
+    assert exact and ans == task.answers(ex)
+
+
+def test_accepted_answers_without_answers_is_a_lower_bound():
+    class NoAnswers:
+        name, words, answer_words, max_new_tokens = "t", ("a",), ("a",), 2
+
+        def make_prompts(self, rng, n):
+            return [Example("a", "a")] * n
+
+        def verify(self, example, completion):
+            return 1.0
+
+    assert accepted_answers(NoAnswers(), Example("a", "a")) == (["a"], False)

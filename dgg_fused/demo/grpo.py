@@ -159,7 +159,8 @@ def ppo_clip_loss(
         mask: ``[B, T]`` float, 1 on completion tokens.
 
     Returns:
-        ``(loss, {"approx_kl", "clipfrac", "ratio_mean"})``.
+        ``(loss, {"approx_kl", "clipfrac", "ratio_mean", "ratio_max"})``; ``ratio_max`` is the largest
+        ``|log rho|`` over the masked tokens (0 for an empty mask).
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -177,5 +178,6 @@ def ppo_clip_loss(
             "approx_kl": (((r_ - 1.0) - lr_) * mask).sum() / denom,
             "clipfrac": (((r_ - 1.0).abs() > clip_eps).float() * mask).sum() / denom,
             "ratio_mean": (r_ * mask).sum() / denom,
+            "ratio_max": (lr_.abs() * mask).amax() if mask.numel() else torch.zeros(()),
         }
     return loss, stats

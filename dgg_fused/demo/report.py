@@ -1,15 +1,20 @@
-"""Summaries, the results table, JSON/CSV files and PNG plots of a demo run.
+"""Summaries, tables, the pre-registered targets, the signal table, files and plots of testbed runs.
 
 Definitions (also printed under the table):
 
-* ``reward``: mean reward of the rollout batch (sampled at temperature 1 from the current policy on fresh
-  prompts), i.e. an unbiased estimate of the policy's sampled accuracy at that point.
-* ``final``: mean ``reward`` over the last ``max(5, iters // 10)`` rollout batches; ``greedy``: greedy accuracy on
-  the fixed held-out set at the end.
-* ``target``: the single-use arm's (``k1``) ``final`` on the same task and seed. ``rollouts to target`` is the
-  number of rollouts consumed when the trailing ``smooth``-batch moving average of ``reward`` first reaches it
-  (``wall to target`` likewise in seconds); ``reached`` counts the seeds that reach it (of those with a ``k1`` run);
-  the others are left out of the mean.
+* ``J``: the exact expected reward on the fixed held-out prompt set (64 prompts; probability of the accepted
+  completion by teacher forcing), recorded after every rollout batch. ``J0`` is the warm start's (the same for
+  every arm of a seed). ``final J``: mean of J over the last 5 rollout batches. ``AUC``: area under J vs
+  rollouts from 0 to the budget, divided by the budget (the mean J over training).
+* ``target``: K=1's final J on the same task, lr and seed, but at least J0 + 0.05 (so a policy that does not
+  learn never reaches it). ``rollouts to target``: rollouts at the first batch whose J >= target; a run that
+  never gets there counts as the budget and is flagged *censored* (``cens``), never dropped.
+* ``x K=1``: ratio of means, mean rollouts-to-target of K=1 / of the arm (> 1: fewer rollouts), censored
+  values included. ``dJ vs K=1``: difference of mean final J. Brackets: paired bootstrap 95% CI over seeds
+  (2000 resamples, fixed seed).
+* secondary: ``greedy`` held-out greedy accuracy at the end; ``sampled`` mean reward of the last 5 rollout
+  batches (fresh prompts, temperature 1). ``passes``: mean passes per rollout batch; ``trips``: batches whose
+  reuse was stopped.
 """
 
 from __future__ import annotations
@@ -19,130 +24,104 @@ import json
 import math
 import os
 import statistics
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-__all__ = ["summarize", "aggregate", "format_table", "paired", "format_paired", "write_results", "plot_all",
-           "DEFINITIONS"]
+from ..monitor import signal_auc, trip_effect
+from .run import RunResult
+from .stats import Estimate, area, diff_of_means, first_reach, paired_bootstrap, ratio_of_means
+
+__all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "signals", "format_signals",
+           "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
+#: The target is at least J0 + TARGET_MARGIN.
+TARGET_MARGIN = 0.05
+#: ``final`` values average the last FINAL_BATCHES rollout batches.
+FINAL_BATCHES = 5
+#: Candidate gate signals scored by the harm oracle (keys of the oracle's step records).
+SIGNALS = ("z_energy", "energy", "approx_kl", "clip_frac", "ratio_max", "grad_norm", "reuse_index")
+#: Threshold rules whose trips the signal table replays: (signal, threshold attribute of the config).
+BASELINES = ("k1", "k2", "kl")
 
 
-def _moving(xs: Sequence[float], w: int) -> list[float]:
-    out = []
-    for i in range(len(xs)):
-        seg = xs[max(0, i - w + 1) : i + 1]
-        out.append(sum(seg) / len(seg))
-    return out
+def _final(xs: Sequence[float]) -> float:
+    return statistics.fmean(xs[-FINAL_BATCHES:])
 
 
-def _train_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
-    return [h for h in res["history"] if h["iter"] > 0]
-
-
-def summarize(results: list[dict[str, Any]], smooth: int, base_arm: str = "k1") -> list[dict[str, Any]]:
-    """One summary row per (task, arm, seed), with rollouts/wall to the ``base_arm``'s final reward."""
+def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One row per run, with its target (from the ``k1`` run of the same task, lr and seed)."""
+    k1 = {(r.task, r.lr, r.seed): _final([h.expected for h in r.history[1:]]) for r in results if r.arm == "k1"}
     rows = []
-    finals: dict[tuple[str, int], float] = {}
-    for res in results:
-        tr = _train_rows(res)
-        n = max(5, len(tr) // 10)
-        final = statistics.fmean(h["reward"] for h in tr[-n:]) if tr else float("nan")
-        res["_final"] = final
-        if res["arm"] == base_arm:
-            finals[(res["task"], res["seed"])] = final
-    for res in results:
-        tr = _train_rows(res)
-        ma = _moving([h["reward"] for h in tr], smooth)
-        target = finals.get((res["task"], res["seed"]))
-        r_t = w_t = None
-        if target is not None:
-            for h, m in zip(tr, ma):
-                if m >= target - 1e-12:
-                    r_t, w_t = h["rollouts"], h["wall"]
-                    break
-        last = res["history"][-1]
-        wc = last.get("wc", {})
-        c = res["counts"]
-        e = res["reuse"]["energy"]
-        uu = res["reuse"]["update_unused"]
-        kmax = max((int(k) for k in e), default=1)
+    for r in results:
+        h = r.history
+        x = [b.rollouts for b in h]
+        j = [b.expected for b in h]
+        j0 = j[0]
+        base = k1.get((r.task, r.lr, r.seed))
+        target = max(base, j0 + TARGET_MARGIN) if base is not None else float("nan")
+        reach = first_reach(x, j, target, x[-1]) if base is not None else None
+        greedy = [b.greedy for b in h if b.greedy is not None]
         rows.append({
-            "task": res["task"],
-            "arm": res["arm"],
-            "seed": res["seed"],
-            "final_reward": res["_final"],
-            "final_greedy": last.get("greedy", float("nan")),
-            "target": target if target is not None else float("nan"),
-            "rollouts_to_target": r_t,
-            "wall_to_target": w_t,
-            "rollouts": c["rollouts"],
-            "wall": last["wall"],
-            "steps_applied": c["steps_applied"],
-            "passes_per_batch": c["passes"] / max(1, c["rollout_batches"]),
-            "trips": c["trips"],
-            "wc_lm_head": wc.get("lm_head", float("nan")),
-            "wc_lm_head_used": wc.get("lm_head/used", float("nan")),
-            "wc_lm_head_unused": wc.get("lm_head/unused", float("nan")),
-            "wc_attention": wc.get("attention", float("nan")),
-            "wc_mlp": wc.get("mlp", float("nan")),
-            "wc_embeddings": wc.get("embeddings", float("nan")),
-            "energy_ratio_kmax": (e[str(kmax)] / e["1"]) if kmax > 1 and e.get("1") else float("nan"),
-            "update_unused_ratio_kmax": (uu[str(kmax)] / uu["1"]) if kmax > 1 and uu.get("1") else float("nan"),
+            "task": r.task, "lr": r.lr, "arm": r.arm, "seed": r.seed, "exact": r.exact,
+            "j0": j0, "final_j": _final(j[1:]), "auc": area(x, j), "target": target,
+            "rollouts_to_target": reach.value if reach else float("nan"),
+            "censored": (not reach.reached) if reach else None,
+            "greedy": greedy[-1] if greedy else float("nan"),
+            "sampled": _final([b.reward for b in h[1:]]),
+            "passes": r.counts.passes / max(1, r.counts.rollout_batches),
+            "trips": r.counts.trips, "steps_applied": r.counts.steps_applied,
+            "steps_attempted": r.counts.steps_attempted,
+            "dw_lm_head_unused": r.weight_change.get("lm_head/unused", float("nan")),
+            "dw_lm_head_used": r.weight_change.get("lm_head/used", float("nan")),
         })
     return rows
 
 
-def _mean_sd(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+def _key(r):
+    return (r["task"], r["lr"])
+
+
+def _paired(rows, a: str, b: str, field: str) -> tuple[list[float], list[float]]:
+    by = {(r["arm"], r["seed"]): r[field] for r in rows}
+    seeds = sorted(s for (arm, s) in by if arm == a and (b, s) in by)
+    return [by[(a, s)] for s in seeds], [by[(b, s)] for s in seeds]
+
+
+def _ms(xs: Iterable[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x == x]
     if not xs:
         return float("nan"), float("nan")
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def aggregate(rows: list[dict[str, Any]], arm_order: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean (and seed standard deviation) per (task, arm) of the summary rows."""
+def aggregate(rows: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> list[dict[str, Any]]:
+    """Per (task, lr, arm): means, seed sd, and the paired comparisons with ``k1`` (bootstrap CIs)."""
     out = []
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    for task in tasks:
-        base = {r["seed"]: r for r in rows if r["task"] == task and r["arm"] == "k1"}
+    for key in dict.fromkeys(_key(r) for r in rows):
+        grp = [r for r in rows if _key(r) == key]
         for arm in arm_order:
-            rs = [r for r in rows if r["task"] == task and r["arm"] == arm]
+            rs = [r for r in grp if r["arm"] == arm]
             if not rs:
                 continue
-            fr, fr_sd = _mean_sd([r["final_reward"] for r in rs])
-            gr, _ = _mean_sd([r["final_greedy"] for r in rs])
-            with_target = [r for r in rs if not math.isnan(r["target"])]
-            reached = [r for r in with_target if r["rollouts_to_target"] is not None]
-            rt, rt_sd = _mean_sd([r["rollouts_to_target"] for r in reached])
-            wt, _ = _mean_sd([r["wall_to_target"] for r in reached])
-            # per-seed speed-up vs k1 (only seeds where both reached the target)
-            sp = [base[r["seed"]]["rollouts_to_target"] / r["rollouts_to_target"] for r in reached
-                  if r["seed"] in base and base[r["seed"]]["rollouts_to_target"]]
-            spw = [base[r["seed"]]["wall_to_target"] / r["wall_to_target"] for r in reached
-                   if r["seed"] in base and base[r["seed"]]["wall_to_target"] and r["wall_to_target"]]
-            out.append({
-                "task": task,
-                "arm": arm,
-                "seeds": len(rs),
-                "final_reward": fr,
-                "final_reward_sd": fr_sd,
-                "final_greedy": gr,
-                "reached": len(reached),
-                "with_target": len(with_target),
-                "rollouts_to_target": rt,
-                "rollouts_to_target_sd": rt_sd,
-                "speedup_rollouts": statistics.fmean(sp) if sp else float("nan"),
-                "wall_to_target": wt,
-                "speedup_wall": statistics.fmean(spw) if spw else float("nan"),
-                "wall": _mean_sd([r["wall"] for r in rs])[0],
-                "passes_per_batch": _mean_sd([r["passes_per_batch"] for r in rs])[0],
-                "trips": _mean_sd([r["trips"] for r in rs])[0],
-                "wc_lm_head_unused": _mean_sd([r["wc_lm_head_unused"] for r in rs])[0],
-                "wc_lm_head_used": _mean_sd([r["wc_lm_head_used"] for r in rs])[0],
-                "wc_attention": _mean_sd([r["wc_attention"] for r in rs])[0],
-                "wc_mlp": _mean_sd([r["wc_mlp"] for r in rs])[0],
-                "energy_ratio_kmax": _mean_sd([r["energy_ratio_kmax"] for r in rs])[0],
-            })
+            fj, fj_sd = _ms(r["final_j"] for r in rs)
+            rt, _ = _ms(r["rollouts_to_target"] for r in rs)
+            a = {"task": key[0], "lr": key[1], "arm": arm, "seeds": len(rs), "exact": all(r["exact"] for r in rs),
+                 "j0": _ms(r["j0"] for r in rs)[0], "final_j": fj, "final_j_sd": fj_sd,
+                 "auc": _ms(r["auc"] for r in rs)[0], "rollouts_to_target": rt,
+                 "censored": sum(bool(r["censored"]) for r in rs if r["censored"] is not None),
+                 "greedy": _ms(r["greedy"] for r in rs)[0], "sampled": _ms(r["sampled"] for r in rs)[0],
+                 "passes": _ms(r["passes"] for r in rs)[0], "trips": _ms(r["trips"] for r in rs)[0]}
+            for name, field, stat, base in (("d_final_vs_k1", "final_j", diff_of_means, "k1"),
+                                            ("d_auc_vs_k1", "auc", diff_of_means, "k1"),
+                                            ("x_rollouts_vs_k1", "rollouts_to_target", None, "k1")):
+                xa, xb = _paired(grp, arm, base, field)
+                if not xa or any(v != v for v in xa + xb):
+                    a[name] = Estimate(float("nan"), float("nan"), float("nan"), 0)
+                elif stat is None:  # K=1's mean over the arm's: > 1 means fewer rollouts
+                    a[name] = paired_bootstrap(xb, xa, ratio_of_means)
+                else:
+                    a[name] = paired_bootstrap(xa, xb, stat)
+            out.append(a)
     return out
 
 
@@ -152,216 +131,190 @@ def _f(x: Any, spec: str = ".3f") -> str:
     return format(x, spec)
 
 
-def format_table(agg: list[dict[str, Any]]) -> str:
-    """A markdown table of :func:`aggregate`'s rows."""
-    head = ("| task | arm | seeds | final reward (± sd) | greedy | reached | rollouts to target (± sd) | "
-            "x vs K=1 | wall to target s | x wall | passes/batch | trips | dW lm_head used / unused | "
-            "dW attn / mlp | E_K/E_1 |")
-    sep = "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"
-    lines = [head, sep]
+def format_table(agg: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`aggregate`."""
+    lines = ["| task | lr | arm | seeds | J0 | final J (± sd) | dJ vs K=1 [95% CI] | AUC | dAUC vs K=1 [95% CI] | "
+             "rollouts to target (cens) | x K=1 [95% CI] | greedy | sampled | passes | trips |",
+             "|" + "---|" * 15]
     for a in agg:
         lines.append(
-            f"| {a['task']} | {a['arm']} | {a['seeds']} | {_f(a['final_reward'])} ± {_f(a['final_reward_sd'])} | "
-            f"{_f(a['final_greedy'], '.2f')} | {a['reached']}/{a['with_target']} | "
-            f"{_f(a['rollouts_to_target'], '.0f')} ± {_f(a['rollouts_to_target_sd'], '.0f')} | "
-            f"{_f(a['speedup_rollouts'], '.2f')} | {_f(a['wall_to_target'], '.1f')} | {_f(a['speedup_wall'], '.2f')} | "
-            f"{_f(a['passes_per_batch'], '.2f')} | {_f(a['trips'], '.1f')} | "
-            f"{_f(a['wc_lm_head_used'])} / {_f(a['wc_lm_head_unused'])} | "
-            f"{_f(a['wc_attention'])} / {_f(a['wc_mlp'])} | {_f(a['energy_ratio_kmax'], '.2f')} |"
-        )
+            f"| {a['task']}{'' if a['exact'] else ' (lower bound)'} | {a['lr']:g} | {a['arm']} | {a['seeds']} | "
+            f"{_f(a['j0'])} | {_f(a['final_j'])} ± {_f(a['final_j_sd'])} | {a['d_final_vs_k1'].fmt('+.3f')} | "
+            f"{_f(a['auc'])} | {a['d_auc_vs_k1'].fmt('+.3f')} | {_f(a['rollouts_to_target'], '.0f')} "
+            f"({a['censored']}) | {a['x_rollouts_vs_k1'].fmt('.2f')} | {_f(a['greedy'], '.2f')} | "
+            f"{_f(a['sampled'], '.2f')} | {_f(a['passes'], '.2f')} | {_f(a['trips'], '.1f')} |")
     return "\n".join(lines)
 
 
-def paired(rows: list[dict[str, Any]], arm_order: Sequence[str], bases: Sequence[str] = ("k1", "naive", "kl")
-           ) -> list[dict[str, Any]]:
-    """Per-seed comparisons of each arm with each base arm on the same task and seed.
+def targets(rows: Sequence[dict[str, Any]], gate_arm: str) -> list[dict[str, Any]]:
+    """The pre-registered targets of a gate arm, per (task, lr). ``benign`` is the lowest lr of the task,
+    ``collapse`` the highest.
 
-    For every (task, arm, base): the mean per-seed difference in final reward and in rollouts to target, and in
-    how many seeds the arm's final reward is >= the base's, and its rollouts to target <= the base's (a seed that
-    did not reach the target counts as worse than one that did).
+    * ``final``: its final J is not below the best (highest mean final J) of k1 / k2 / kl by more than the
+      paired 95% CI: met when the CI of (gate - best) reaches 0 or above.
+    * ``collapse`` (highest lr only): mean final J >= K=1's.
+    * ``benign`` (lowest lr only): beats kl on rollouts-to-target: ratio of means kl / gate, met when > 1
+      (the CI is reported; ``strict`` when its lower end is > 1 too).
     """
-    by = {(r["task"], r["arm"], r["seed"]): r for r in rows}
     out = []
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    for task in tasks:
-        for arm in arm_order:
-            for base in bases:
-                if arm == base or (arm in bases and bases.index(arm) < bases.index(base)):
-                    continue  # the mirrored row is shown
-                seeds = [s for (t, a, s) in by if t == task and a == arm and (task, base, s) in by]
-                if not seeds:
-                    continue
-                dfin, drt, win_f, win_r = [], [], 0, 0
-                inf = float("inf")
-                for s in sorted(seeds):
-                    a, b = by[(task, arm, s)], by[(task, base, s)]
-                    dfin.append(a["final_reward"] - b["final_reward"])
-                    win_f += a["final_reward"] >= b["final_reward"]
-                    ra = a["rollouts_to_target"] if a["rollouts_to_target"] is not None else inf
-                    rb = b["rollouts_to_target"] if b["rollouts_to_target"] is not None else inf
-                    win_r += ra <= rb
-                    if ra < inf and rb < inf:
-                        drt.append(ra - rb)
-                out.append({"task": task, "arm": arm, "vs": base, "seeds": len(seeds),
-                            "d_final": statistics.fmean(dfin), "final_ge": win_f,
-                            "d_rollouts": statistics.fmean(drt) if drt else float("nan"), "rollouts_le": win_r})
+    lrs_by_task: dict[str, list[float]] = {}
+    for r in rows:
+        lrs_by_task.setdefault(r["task"], []).append(r["lr"])
+    for key in dict.fromkeys(_key(r) for r in rows):
+        grp = [r for r in rows if _key(r) == key]
+        if not any(r["arm"] == gate_arm for r in grp):
+            continue
+        means = {b: _ms(r["final_j"] for r in grp if r["arm"] == b)[0] for b in BASELINES}
+        means = {b: m for b, m in means.items() if m == m}
+        best = max(means, key=means.get) if means else None
+        t = {"task": key[0], "lr": key[1], "arm": gate_arm, "best": best}
+        if best:
+            xa, xb = _paired(grp, gate_arm, best, "final_j")
+            t["final"] = paired_bootstrap(xa, xb, diff_of_means)
+            t["final_met"] = t["final"].hi >= 0.0
+        lrs = sorted(set(lrs_by_task[key[0]]))
+        if len(lrs) > 1 and key[1] == lrs[-1]:
+            xa, xb = _paired(grp, gate_arm, "k1", "final_j")
+            t["collapse"] = paired_bootstrap(xa, xb, diff_of_means)
+            t["collapse_met"] = t["collapse"].value >= 0.0
+        if len(lrs) > 1 and key[1] == lrs[0]:
+            xa, xb = _paired(grp, gate_arm, "kl", "rollouts_to_target")
+            if xa:
+                t["benign"] = paired_bootstrap(xb, xa, ratio_of_means)
+                t["benign_met"] = t["benign"].value > 1.0
+                t["benign_strict"] = t["benign"].lo > 1.0
+        out.append(t)
     return out
 
 
-def format_paired(pr: list[dict[str, Any]]) -> str:
-    """Markdown table of :func:`paired`."""
-    lines = ["| task | arm | vs | seeds | mean d final reward | final >= (seeds) | mean d rollouts to target | "
-             "rollouts <= (seeds) |", "|---|---|---|---|---|---|---|---|"]
-    for p in pr:
-        lines.append(f"| {p['task']} | {p['arm']} | {p['vs']} | {p['seeds']} | {p['d_final']:+.3f} | "
-                     f"{p['final_ge']}/{p['seeds']} | {_f(p['d_rollouts'], '+.0f')} | {p['rollouts_le']}/{p['seeds']} |")
+def format_targets(ts: Sequence[dict[str, Any]]) -> str:
+    def yn(t, k):
+        return "-" if k not in t else ("met" if t[k] else "NOT met")
+
+    lines = ["| task | lr | gate | final J - best of k1/k2/kl [95% CI] (best) | | collapse: final J - K=1 | | "
+             "benign: x vs kl on rollouts [95% CI] | |", "|" + "---|" * 9]
+    for t in ts:
+        lines.append(
+            f"| {t['task']} | {t['lr']:g} | {t['arm']} | "
+            f"{t['final'].fmt('+.3f') if 'final' in t else '-'} ({t['best']}) | {yn(t, 'final_met')} | "
+            f"{t['collapse'].fmt('+.3f') if 'collapse' in t else '-'} | {yn(t, 'collapse_met')} | "
+            f"{t['benign'].fmt('.2f') if 'benign' in t else '-'} | {yn(t, 'benign_met')}"
+            f"{' (CI > 1)' if t.get('benign_strict') else ''} |")
     return "\n".join(lines)
 
 
-def write_results(out: str, meta: dict[str, Any], results: list[dict[str, Any]], rows: list[dict[str, Any]],
-                  agg: list[dict[str, Any]], table: str, paired_table: str = "") -> list[str]:
-    """Write results.json, summary.csv, table.csv, history.csv and table.md under ``out``; return the paths."""
+def signals(results: Sequence[RunResult], thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    """Per (task, lr): each candidate signal's AUC for harmful reuse steps (mean over seeds, min, max), and the
+    effect of removing the trips of the threshold rules in ``thresholds`` ({signal: threshold})."""
+    out = []
+    obs = [r for r in results if r.steps]
+    for key in dict.fromkeys((r.task, r.lr) for r in obs):
+        runs = [r for r in obs if (r.task, r.lr) == key]
+        reuse = [s for r in runs for s in r.steps if s["reuse_index"] > 1]
+        row: dict[str, Any] = {"task": key[0], "lr": key[1], "arm": runs[0].arm, "seeds": len(runs),
+                               "reuse_steps": len(reuse) / len(runs),
+                               "harmful": statistics.fmean(s["delta"] < 0 for s in reuse) if reuse else float("nan"),
+                               "mean_delta_reuse": statistics.fmean(s["delta"] for s in reuse) if reuse else float("nan"),
+                               "mean_delta_first": statistics.fmean(
+                                   s["delta"] for r in runs for s in r.steps if s["reuse_index"] == 1)}
+        for sig in SIGNALS:
+            aucs = [signal_auc(r.steps, sig) for r in runs]
+            aucs = [a for a in aucs if a == a]
+            row[f"auc:{sig}"] = (statistics.fmean(aucs), min(aucs), max(aucs)) if aucs else (float("nan"),) * 3
+        for sig, thr in thresholds.items():
+            effs = [trip_effect(r.steps, sig, thr) for r in runs]
+            row[f"trip:{sig}>{thr:g}"] = {
+                "trips": statistics.fmean(e.trips for e in effs),
+                "removed_steps": statistics.fmean(e.removed_steps for e in effs),
+                "removed_delta": statistics.fmean(e.removed_delta for e in effs),
+                "random_delta": statistics.fmean(e.random_delta for e in effs),
+            }
+        out.append(row)
+    return out
+
+
+def format_signals(sig: Sequence[dict[str, Any]]) -> str:
+    if not sig:
+        return ""
+    lines = ["| task | lr | seeds | reuse steps/run | harmful | mean dJ reuse / first-pass step | "
+             + " | ".join(f"AUC {s}" for s in SIGNALS) + " |", "|" + "---|" * (6 + len(SIGNALS))]
+    for r in sig:
+        aucs = " | ".join(f"{r[f'auc:{s}'][0]:.2f} ({r[f'auc:{s}'][1]:.2f}–{r[f'auc:{s}'][2]:.2f})"
+                          if r[f'auc:{s}'][0] == r[f'auc:{s}'][0] else "-" for s in SIGNALS)
+        lines.append(f"| {r['task']} | {r['lr']:g} | {r['seeds']} | {r['reuse_steps']:.0f} | {r['harmful']:.2f} | "
+                     f"{r['mean_delta_reuse']:+.4f} / {r['mean_delta_first']:+.4f} | {aucs} |")
+    trip_keys = [k for k in sig[0] if k.startswith("trip:")]
+    if trip_keys:
+        lines += ["", "| task | lr | rule | trips/run | removed steps/run | dJ of removed steps/run | "
+                      "same number of steps at the mean reuse dJ |", "|" + "---|" * 7]
+        for r in sig:
+            for k in trip_keys:
+                e = r[k]
+                lines.append(f"| {r['task']} | {r['lr']:g} | {k[5:]} | {e['trips']:.1f} | {e['removed_steps']:.1f} | "
+                             f"{e['removed_delta']:+.3f} | {e['random_delta']:+.3f} |")
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Estimate):
+        return {"value": x.value, "lo": x.lo, "hi": x.hi, "n": x.n}
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: str) -> list[str]:
+    """results.json (meta, per-run summary, table, signals, targets), summary.csv and report.md under ``out``."""
     os.makedirs(out, exist_ok=True)
     paths = []
     p = os.path.join(out, "results.json")
-    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     with open(p, "w") as f:
-        json.dump({"meta": meta, "runs": clean, "summary": rows, "table": agg}, f, indent=1)
+        json.dump(_jsonable({"meta": meta, "summary": rows, "table": agg, "signals": sig, "targets": tgts}), f,
+                  indent=1)
     paths.append(p)
-    for name, data in (("summary.csv", rows), ("table.csv", agg)):
-        p = os.path.join(out, name)
-        with open(p, "w", newline="") as f:
-            if data:
-                w = csv.DictWriter(f, fieldnames=list(data[0]))
-                w.writeheader()
-                w.writerows(data)
-        paths.append(p)
-    p = os.path.join(out, "history.csv")
+    p = os.path.join(out, "summary.csv")
     with open(p, "w", newline="") as f:
-        w = csv.writer(f)
-        groups = sorted({k for r in results for h in r["history"] for k in h.get("wc", {})})
-        w.writerow(["task", "arm", "seed", "iter", "rollouts", "wall", "reward", "greedy", "steps", "passes"]
-                   + [f"wc:{g}" for g in groups])
-        for r in results:
-            for h in r["history"]:
-                wc = h.get("wc", {})
-                w.writerow([r["task"], r["arm"], r["seed"], h["iter"], h["rollouts"], f"{h['wall']:.4f}",
-                            h["reward"], h.get("greedy", ""), h["steps"], h["passes"]]
-                           + [wc.get(g, "") for g in groups])
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     paths.append(p)
-    p = os.path.join(out, "table.md")
+    p = os.path.join(out, "report.md")
     with open(p, "w") as f:
-        f.write(table + "\n\n" + DEFINITIONS + "\n")
-        if paired_table:
-            f.write("\nPer-seed comparisons (same task, same seed):\n\n" + paired_table + "\n")
+        f.write(text + "\n")
     paths.append(p)
     return paths
 
 
-def _curves(results, task, arm, smooth, xkey):
-    runs = [r for r in results if r["task"] == task and r["arm"] == arm]
-    if not runs:
-        return None
-    n = min(len(_train_rows(r)) for r in runs)
-    ys = [_moving([h["reward"] for h in _train_rows(r)][:n], smooth) for r in runs]
-    xs = [[h[xkey] for h in _train_rows(r)][:n] for r in runs]
-    x = [statistics.fmean(v) for v in zip(*xs)]
-    mean = [statistics.fmean(v) for v in zip(*ys)]
-    lo = [min(v) for v in zip(*ys)]
-    hi = [max(v) for v in zip(*ys)]
-    return x, mean, lo, hi
-
-
-def plot_all(out: str, results: list[dict[str, Any]], arm_order: Sequence[str], smooth: int,
-             dwd_arms: Sequence[str] = ("naive", "dgg")) -> list[str]:
-    """reward_vs_rollouts.png, reward_vs_wall.png, dwd.png and reuse_energy.png under ``out``."""
+def plot_curves(out: str, results: Sequence[RunResult], arm_order: Sequence[str]) -> str:
+    """expected_reward.png: mean exact expected reward vs rollouts per arm, one panel per (task, lr)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in results))
-    paths = []
-    for xkey, fname, xlabel in (("rollouts", "reward_vs_rollouts.png", "rollouts consumed"),
-                                ("wall", "reward_vs_wall.png", "wall-clock seconds (rollouts + updates)")):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            for arm in arm_order:
-                c = _curves(results, task, arm, smooth, xkey)
-                if c is None:
-                    continue
-                x, m, lo, hi = c
-                (line,) = ax.plot(x, m, label=arm)
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
-            ax.set_title(f"{task}: sampled reward ({smooth}-batch moving avg; band = seed min/max)", fontsize=9)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("reward")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = os.path.join(out, fname)
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-
-    # DWD panel: per-module relative weight change over rollouts, for the arms in dwd_arms (and k1 for scale).
-    show = [a for a in ("k1",) + tuple(dwd_arms) if any(r["arm"] == a for r in results)]
-    groups = ("lm_head/used", "lm_head/unused", "attention", "mlp", "embeddings")
-    fig, axes = plt.subplots(len(tasks), max(1, len(show)), figsize=(4.6 * max(1, len(show)), 3.6 * len(tasks)),
-                             squeeze=False)
+    keys = list(dict.fromkeys((r.task, r.lr) for r in results))
+    tasks = list(dict.fromkeys(k[0] for k in keys))
+    lrs = sorted({k[1] for k in keys})
+    fig, axes = plt.subplots(len(tasks), len(lrs), figsize=(5 * len(lrs), 3.6 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
-        ymax = 0.0
-        for j, arm in enumerate(show):
+        for j, lr in enumerate(lrs):
             ax = axes[i][j]
-            runs = [r for r in results if r["task"] == task and r["arm"] == arm]
-            for g in groups:
-                pts = [[(h["rollouts"], h["wc"].get(g)) for h in r["history"] if "wc" in h] for r in runs]
-                if not pts or pts[0][0][1] is None:
+            for arm in arm_order:
+                runs = [r for r in results if (r.task, r.lr, r.arm) == (task, lr, arm)]
+                if not runs:
                     continue
-                n = min(len(p) for p in pts)
-                x = [pts[0][t][0] for t in range(n)]
-                y = [statistics.fmean(p[t][1] for p in pts) for t in range(n)]
-                ymax = max(ymax, max(y))
-                ax.plot(x, y, label=g)
-            ax.set_title(f"{task} / {arm}: ||W-W0||/||W0|| (seed mean)", fontsize=9)
-            ax.set_xlabel("rollouts consumed")
+                x = [b.rollouts for b in runs[0].history]
+                y = [statistics.fmean(v) for v in zip(*[[b.expected for b in r.history] for r in runs])]
+                ax.plot(x, y, label=arm)
+            ax.set_title(f"{task}, lr {lr:g}: exact expected reward (seed mean)", fontsize=9)
+            ax.set_xlabel("rollouts")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        for j in range(len(show)):
-            axes[i][j].set_ylim(0, ymax * 1.05 if ymax > 0 else 1)
     fig.tight_layout()
-    p = os.path.join(out, "dwd.png")
-    fig.savefig(p, dpi=110)
+    p = os.path.join(out, "expected_reward.png")
+    fig.savefig(p, dpi=100)
     plt.close(fig)
-    paths.append(p)
-
-    # lm_head gradient energy and unused-row update norm per reuse index, relative to k = 1.
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.4 * len(tasks)), squeeze=False)
-    for i, task in enumerate(tasks):
-        for j, (key, title) in enumerate((("energy", "E_k/E_1, lm_head grad energy"),
-                                          ("update_unused", "U_k/U_1, unused-row lm_head update"))):
-            ax = axes[i][j]
-            arms = [a for a in arm_order if any(r["arm"] == a and len(r["reuse"][key]) > 1
-                                                for r in results if r["task"] == task)]
-            for a_i, arm in enumerate(arms):
-                runs = [r for r in results if r["task"] == task and r["arm"] == arm]
-                ks = sorted({int(k) for r in runs for k in r["reuse"][key]})
-                vals = []
-                for k in ks:
-                    rs = [r["reuse"][key][str(k)] / r["reuse"][key]["1"] for r in runs
-                          if str(k) in r["reuse"][key] and r["reuse"][key].get("1")]
-                    vals.append(statistics.fmean(rs) if rs else float("nan"))
-                width = 0.8 / max(1, len(arms))
-                ax.bar([k + a_i * width - 0.4 + width / 2 for k in ks], vals, width=width, label=arm)
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_title(f"{task}: {title} (run median, seed mean)", fontsize=8)
-            ax.set_xlabel("reuse index k")
-            ax.grid(alpha=0.3)
-            if arms:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(out, "reuse_energy.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    return p

@@ -14,10 +14,20 @@ A task is anything with these members (a :class:`Task` protocol — no base clas
         def verify(self, example: Example, completion: str) -> float:
             ...                             # reward in [0, 1] for a completion (space-separated words, no EOS)
 
+        def answers(self, example: Example) -> list[str]:   # optional
+            ...                             # every completion verify() accepts (for the exact expected reward)
+
 Text is a sequence of space-separated words; the demo's tokenizer has one token per word (plus thousands of
 filler tokens no task uses, like a real LLM's vocabulary). ``Example.target`` is one correct answer: the
 supervised warm start imitates it. The verifier must not need it — it should check the completion against the
 prompt (the built-in tasks recompute the answer from the prompt), so that it can be trusted as a reward.
+
+The testbed's primary metric is the *exact* expected reward on a fixed held-out prompt set: the probability,
+by teacher forcing, that the policy samples an accepted completion (its words, then EOS). A task with
+``answers(example)`` listing every accepted completion gets the exact value (the probabilities are summed); a
+task without it gets the probability of ``example.target`` alone, a lower bound, and the report says so. Rewards
+must be 0/1 for the value to be an expected reward. The built-in verifiers accept exactly one completion: the
+answer recomputed from the prompt (``tests/test_tasks.py`` checks this by enumeration on small instances).
 
 Pass your own task to the demo with ``python -m dgg_fused.demo --task my_module:MyTask`` (a class, instance or
 zero-argument factory).
@@ -30,7 +40,8 @@ import random
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["Example", "Task", "AdditionTask", "ReversalTask", "BUILTIN_TASKS", "load_task", "check_task"]
+__all__ = ["Example", "Task", "AdditionTask", "ReversalTask", "ProductTask", "BUILTIN_TASKS", "load_task",
+           "check_task", "accepted_answers"]
 
 
 @dataclass(frozen=True)
@@ -87,10 +98,16 @@ class AdditionTask:
         return f"{da} + {db} ="
 
     def verify(self, example: Example, completion: str) -> float:
+        return float(completion.split() == self._want(example))
+
+    def _want(self, example: Example) -> list[str]:
         left, _, right = example.prompt.replace("=", "").partition("+")
         a, b = int("".join(left.split())), int("".join(right.split()))
-        want = list(str(a + b).zfill(self.digits + 1))
-        return float(completion.split() == want)
+        return list(str(a + b).zfill(self.digits + 1))
+
+    def answers(self, example: Example) -> list[str]:
+        """The one completion :meth:`verify` accepts."""
+        return [" ".join(self._want(example))]
 
 
 class ReversalTask:
@@ -119,9 +136,63 @@ class ReversalTask:
         seq = example.prompt.replace(">", "").split()
         return float(completion.split() == seq[::-1])
 
+    def answers(self, example: Example) -> list[str]:
+        """The one completion :meth:`verify` accepts."""
+        return [" ".join(example.prompt.replace(">", "").split()[::-1])]
+
+
+class ProductTask:
+    """``a * b`` for a ``digits``-digit ``a`` and a one-digit ``b``; the answer is the product zero-padded to
+    ``digits + 1`` digits.
+
+    Prompt ``"4 7 * 6 ="`` → answer ``"2 8 2"``. Reward 1.0 for the exact digits, else 0.0. Harder for the
+    testbed's policy than addition (a carry chain through a multiplication table), so its RL gains are small.
+    """
+
+    answer_words = _DIGITS
+
+    def __init__(self, digits: int = 2) -> None:
+        if digits < 1:
+            raise ValueError(f"digits must be >= 1, got {digits}")
+        self.digits = digits
+        self.name = f"product{digits}x1"
+        self.words = _DIGITS + ("*", "=")
+        self.max_new_tokens = digits + 2  # digits+1 answer digits, then EOS
+
+    def make_prompts(self, rng: random.Random, n: int) -> list[Example]:
+        hi = 10**self.digits - 1
+        out = []
+        for _ in range(n):
+            a, b = rng.randint(0, hi), rng.randint(0, 9)
+            prompt = f"{' '.join(str(a).zfill(self.digits))} * {b} ="
+            out.append(Example(prompt, " ".join(str(a * b).zfill(self.digits + 1))))
+        return out
+
+    def _want(self, example: Example) -> list[str]:
+        left, _, right = example.prompt.replace("=", "").partition("*")
+        a, b = int("".join(left.split())), int("".join(right.split()))
+        return list(str(a * b).zfill(self.digits + 1))
+
+    def verify(self, example: Example, completion: str) -> float:
+        return float(completion.split() == self._want(example))
+
+    def answers(self, example: Example) -> list[str]:
+        """The one completion :meth:`verify` accepts."""
+        return [" ".join(self._want(example))]
+
+
+def accepted_answers(task: Task, example: Example) -> tuple[list[str], bool]:
+    """``(completions, exact)``: every completion the verifier accepts when the task lists them
+    (``task.answers``), else ``[example.target]`` with ``exact=False`` (the expected reward is then a lower
+    bound)."""
+    fn = getattr(task, "answers", None)
+    if not callable(fn):
+        return [example.target], False
+    return list(fn(example)), True
+
 
 #: Tasks available by short name on the command line.
-BUILTIN_TASKS = {"addition": AdditionTask, "reversal": ReversalTask}
+BUILTIN_TASKS = {"addition": AdditionTask, "reversal": ReversalTask, "product": ProductTask}
 
 
 def check_task(task: object) -> Task:

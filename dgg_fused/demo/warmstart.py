@@ -6,8 +6,10 @@ diffuse when sampling — the "sharpening" regime RLVR lives in. The learning ra
 first ``warmup`` steps: without it the first Adam step (a full-size step in every coordinate) wrecks the freshly
 initialised model.
 
-The result is cached as ``<cache_dir>/warm-<hash>.pt`` keyed by everything that determines it (task name and
-words, model size, seed, schedule, a format version), so repeated runs and every arm of a run start from the same
+The result is cached as ``<cache_dir>/warm-<task>-<hash>.pt`` keyed by everything that determines it: the task
+(class, name, words, its parameters), model size, seed, schedule, the torch version, the number of intra-op
+threads it was trained with (always one: :func:`warm_start` pins it, so a warm start is the same whichever process
+or machine setting trained it) and a format version. Repeated runs and every arm of a run start from the same
 weights without retraining.
 """
 
@@ -24,9 +26,11 @@ import torch
 from .model import ModelConfig, build_model
 from .tasks import Task
 
-__all__ = ["WarmStartConfig", "warm_start", "default_cache_dir"]
+__all__ = ["WarmStartConfig", "warm_start", "default_cache_dir", "cache_key", "WARM_THREADS"]
 
-_FORMAT = 1
+_FORMAT = 2
+#: Intra-op threads every warm start is trained with (part of the cache key).
+WARM_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,19 @@ def default_cache_dir() -> str:
     return os.path.join(base, "dgg_fused", "demo")
 
 
-def _key(task: Task, mcfg: ModelConfig, wcfg: WarmStartConfig, seed: int) -> str:
+def _task_params(task: Task) -> dict:
+    return {k: v for k, v in sorted(vars(task).items()) if isinstance(v, (int, float, str, bool, tuple, list))
+            and not k.startswith("_")} if hasattr(task, "__dict__") else {}
+
+
+def cache_key(task: Task, mcfg: ModelConfig, wcfg: WarmStartConfig, seed: int) -> str:
+    """The warm start's cache key: a hash of everything its weights depend on (see the module doc)."""
     blob = json.dumps(
-        {"format": _FORMAT, "task": task.name, "words": list(task.words), "answer_words": list(task.answer_words),
-         "max_new": task.max_new_tokens, "model": mcfg.to_dict(), "warm": asdict(wcfg), "seed": seed},
-        sort_keys=True,
+        {"format": _FORMAT, "task": task.name, "class": f"{type(task).__module__}.{type(task).__qualname__}",
+         "params": _task_params(task), "words": list(task.words), "answer_words": list(task.answer_words),
+         "max_new": task.max_new_tokens, "model": mcfg.to_dict(), "warm": asdict(wcfg), "seed": seed,
+         "torch": torch.__version__, "threads": WARM_THREADS},
+        sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -61,14 +73,28 @@ def warm_start(
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Return ``(state_dict, from_cache)`` of the warm-started policy for ``(task, seed)``.
 
-    ``cache_dir=None`` disables the cache.
+    ``cache_dir=None`` disables the cache. Trained with :data:`WARM_THREADS` intra-op threads (restored after).
     """
     path = None
     if cache_dir is not None:
-        path = os.path.join(cache_dir, f"warm-{task.name}-{_key(task, mcfg, wcfg, seed)}.pt")
+        path = os.path.join(cache_dir, f"warm-{task.name}-{cache_key(task, mcfg, wcfg, seed)}.pt")
         if os.path.exists(path):
             return torch.load(path, map_location="cpu", weights_only=True), True
+    before = torch.get_num_threads()
+    torch.set_num_threads(WARM_THREADS)
+    try:
+        state = _train(task, tokenizer, mcfg, wcfg, seed)
+    finally:
+        torch.set_num_threads(before)
+    if path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    return state, False
 
+
+def _train(task: Task, tokenizer, mcfg: ModelConfig, wcfg: WarmStartConfig, seed: int) -> dict[str, torch.Tensor]:
     model = build_model(mcfg, tokenizer, seed)
     model.train()
     rng = random.Random(seed * 7919 + 17)
@@ -101,10 +127,4 @@ def warm_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    return state, False
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
