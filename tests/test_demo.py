@@ -130,7 +130,8 @@ def test_frozen_policy_never_reaches_the_target(small):
 
 
 @pytest.mark.parametrize("spec", ["k1", "k2", "naive", "kl", "kl:target_kl=1e-12", "dgg",
-                                  "dgg:tau=1e-6,window=2,statistic=both,reference=all"])
+                                  "dgg:tau=1e-6,window=2,statistic=both,reference=all", "klgate",
+                                  "klgate:target_kl=1e-12", "dgg|kl"])
 def test_arm_accounting(small, spec):
     pt, state = small
     arm = parse_arm(spec, TINY.gate, TINY.target_kl)
@@ -158,6 +159,22 @@ def test_arm_accounting(small, spec):
         assert c.trips <= TINY.iters
         if arm.gate.tau < 1e-3:  # tiny tau, window 2 (full after one batch): it must trip
             assert c.trips >= 1 and c.steps_applied < c.steps_attempted
+        if arm.gate.drift is not None and arm.gate.drift_threshold < 1e-9:  # any drift trips: the first reuse step
+            assert c.trips == TINY.iters and steps == [mb + 1] * TINY.iters
+            assert c.steps_applied == TINY.iters * mb
+
+
+def test_library_kl_gate_equals_the_host_kl_stop(small):
+    """The drift gate (on the device, step dropped by found_inf after backward) and the host-side early stop
+    (step never taken) make the same decisions and give the same run, bit for bit."""
+    pt, state = small
+    for thr in ("0.02", "0.005"):
+        host = run_arm(pt, parse_arm(f"kl:target_kl={thr}", TINY.gate, TINY.target_kl), TINY, 0, state)
+        dev = run_arm(pt, parse_arm(f"klgate:target_kl={thr}", TINY.gate, TINY.target_kl), TINY, 0, state)
+        h, d = _numbers(host), _numbers(dev)
+        assert [(x["expected"], x["passes"]) for x in h["history"]] == [(x["expected"], x["passes"]) for x in d["history"]]
+        assert h["counts"]["steps_applied"] == d["counts"]["steps_applied"]
+        assert h["counts"]["trips"] == d["counts"]["trips"]
 
 
 def test_parse_arm_overrides_and_errors():
