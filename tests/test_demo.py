@@ -40,9 +40,14 @@ def _numbers(res: RunResult):
     return d
 
 
-def test_quick_end_to_end(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("warm"))
+
+
+def test_quick_end_to_end(tmp_path, capsys, quick_cache):
     out = tmp_path / "out"
-    rc = main(["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--jobs", "1",
+    rc = main(["--quick", "--out", str(out), "--cache-dir", quick_cache, "--no-progress", "--jobs", "1",
                "--arms", "k1,naive,dgg"])
     assert rc == 0
     for f in ("results.json", "summary.csv", "report.md", "runs.jsonl", "expected_reward.png"):
@@ -87,8 +92,9 @@ def test_cache_key_covers_what_the_warm_start_depends_on():
     assert k == cache_key(ReversalTask(length=2, alphabet=3), TINY.model, TINY.warm, 0)
 
 
-def test_alone_and_in_parallel_give_the_same_runs(tmp_path):
-    args = ["--quick", "--task", "reversal", "--arms", "k1,dgg", "--no-progress", "--no-plots", "--no-cache"]
+def test_alone_and_in_parallel_give_the_same_runs(tmp_path, quick_cache):
+    args = ["--quick", "--task", "reversal", "--arms", "k1,dgg", "--no-progress", "--no-plots", "--cache-dir",
+            quick_cache]
     main(args + ["--out", str(tmp_path / "a"), "--jobs", "1"])
     main(args + ["--out", str(tmp_path / "b"), "--jobs", "2"])
 
@@ -131,7 +137,7 @@ def test_frozen_policy_never_reaches_the_target(small):
 
 @pytest.mark.parametrize("spec", ["k1", "k2", "naive", "kl", "kl:target_kl=1e-12", "dgg",
                                   "dgg:tau=1e-6,window=2,statistic=both,reference=all", "klgate",
-                                  "klgate:target_kl=1e-12", "dgg|kl"])
+                                  "klgate:target_kl=1e-12", "dgg-or-kl"])
 def test_arm_accounting(small, spec):
     pt, state = small
     arm = parse_arm(spec, TINY.gate, TINY.target_kl)
@@ -190,3 +196,21 @@ def test_parse_arm_overrides_and_errors():
     for bad in ("dgg:bogus=1", "sgd", "dgg:statistic=nope", "k1:tau=1", "dgg:tau"):
         with pytest.raises(ValueError):
             parse_arm(bad, g, 0.02)
+
+
+def test_documented_row_reproduces(tmp_path, capsys):
+    """The command in docs/demo.md's "Reproduce one row" block, run end to end on a fresh (private) cache with the
+    default --jobs, prints exactly the rows documented under it."""
+    import pathlib
+    import re
+    import shlex
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "demo.md").read_text()
+    block = doc.split("<!-- reproduce-row -->", 2)[1]
+    cmd = re.search(r"^python -m dgg_fused\.demo (.*)$", block, re.M).group(1)
+    rows = [ln for ln in block.splitlines() if ln.startswith("| ") and not ln.startswith("| task")]
+    assert rows
+    main(shlex.split(cmd) + ["--out", str(tmp_path / "out"), "--no-plots", "--no-progress"])
+    printed = capsys.readouterr().out.splitlines()
+    for row in rows:
+        assert row in printed, row

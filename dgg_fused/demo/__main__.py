@@ -94,7 +94,7 @@ def config_from_args(args: argparse.Namespace):
     if args.quick:
         cfg = replace(cfg, iters=6, prompts=4, group=4, minibatches=2, eval_every=3, n_heldout=16,
                       warmup_iters=2, model=replace(cfg.model, vocab_size=512, hidden_size=32, intermediate_size=64),
-                      warm=replace(cfg.warm, steps=60, batch=16))
+                      warm=replace(cfg.warm, steps=300, batch=32))
     gate_over = {k: v for k, v in (("max_reuse", args.K), ("tau", args.tau), ("window", args.window)) if v is not None}
     over = {k: v for k, v in (("iters", args.iters), ("n_heldout", args.heldout)) if v is not None}
     cfg = replace(cfg, gate=replace(cfg.gate, **gate_over), target_kl=args.target_kl, **over)

@@ -13,7 +13,7 @@ step at all (:meth:`Arm.allow`, the host-side KL early stop), and what to hand t
   :class:`~dgg_fused.GateConfig`).
 * ``klgate``: :class:`Gated` with the library's drift gate, ``GateConfig(energy=False, drift="approx_kl",
   drift_threshold=target_kl)`` — the same rule as ``kl``, exact and sync-free on the device.
-* ``dgg|kl``: :class:`Gated`, energy rule OR KL threshold (``combine="any"``).
+* ``dgg-or-kl``: :class:`Gated`, energy rule OR KL threshold (``combine="any"``).
 
 Command line: ``--arm NAME[:key=value,...]``; ``gate:...`` builds any GateConfig, e.g.
 ``gate:energy=false,drift=clip_frac,drift_threshold=0.1``. Keys of :class:`~dgg_fused.GateConfig` (and ``K`` /
@@ -33,7 +33,7 @@ from .. import GateConfig, GatedOptimizer
 __all__ = ["Arm", "FixedReuse", "HostKLStop", "Gated", "parse_arm", "BASE_ARMS", "GRID_ARMS"]
 
 #: The arms of the default run, in display order.
-BASE_ARMS = ("k1", "k2", "naive", "kl", "dgg", "klgate", "dgg|kl")
+BASE_ARMS = ("k1", "k2", "naive", "kl", "dgg", "klgate", "dgg-or-kl")
 #: The arms of the grid in docs/ablation.md.
 GRID_ARMS = BASE_ARMS
 
@@ -142,7 +142,7 @@ def _coerce(key: str, value: str) -> Any:
 def parse_arm(spec: str, gate: GateConfig, target_kl: float) -> Arm:
     """An arm from its command-line spec (the arm's name is the spec string).
 
-    ``k1 | k2 | naive | kl | dgg | klgate | dgg|kl | gate``, optionally followed by ``:key=value,...`` where a key
+    ``k1 | k2 | naive | kl | dgg | klgate | dgg-or-kl | gate``, optionally followed by ``:key=value,...`` where a key
     is ``K``, ``target_kl`` or any :class:`~dgg_fused.GateConfig` field. ``gate`` and ``dgg`` start from
     ``gate`` (the run's configuration, the paper's rule by default); ``klgate`` from the KL threshold rule.
     """
@@ -172,9 +172,9 @@ def parse_arm(spec: str, gate: GateConfig, target_kl: float) -> Arm:
         g = dataclasses.replace(gate, max_reuse=K, **kw)
     elif base == "klgate":
         g = dataclasses.replace(gate, max_reuse=K, energy=False, drift="approx_kl", drift_threshold=tkl, **kw)
-    elif base == "dgg|kl":
+    elif base == "dgg-or-kl":
         g = dataclasses.replace(gate, max_reuse=K, drift="approx_kl", drift_threshold=tkl, combine="any", **kw)
     else:
-        raise ValueError(f"unknown arm {spec!r}: use k1, k2, naive, kl, dgg, klgate, dgg|kl or gate "
+        raise ValueError(f"unknown arm {spec!r}: use k1, k2, naive, kl, dgg, klgate, dgg-or-kl or gate "
                          "(optionally with :key=value,...)")
     return Gated(spec, K, g)
