@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     sig = report.signals(results, {"z_energy": cfg.gate.tau, "approx_kl": cfg.target_kl})
     text = "\n\n".join(x for x in (
         report.format_table(agg), report.DEFINITIONS,
-        "Pre-registered targets (per gate arm):\n\n" + report.format_targets(tgts) if tgts else "",
+        "Pre-registered targets (per gate arm):\n\n" + report.format_targets(tgts) + "\n\n"
+        + report.format_target_summary(report.target_summary(tgts, rows)) if tgts else "",
         "Harm oracle (arms: " + ", ".join(sorted({r.arm for r in results if r.steps})) + "):\n\n"
         + report.format_signals(sig) if sig else "") if x)
     meta = {

@@ -30,7 +30,8 @@ from ..monitor import signal_auc, trip_effect
 from .run import RunResult
 from .stats import Estimate, area, diff_of_means, first_reach, paired_bootstrap, ratio_of_means
 
-__all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "signals", "format_signals",
+__all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "target_summary",
+           "format_target_summary", "signals", "format_signals",
            "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
@@ -40,7 +41,7 @@ TARGET_MARGIN = 0.05
 FINAL_BATCHES = 5
 #: Candidate gate signals scored by the harm oracle (keys of the oracle's step records).
 SIGNALS = ("z_energy", "energy", "approx_kl", "clip_frac", "ratio_max", "grad_norm", "reuse_index")
-#: Threshold rules whose trips the signal table replays: (signal, threshold attribute of the config).
+#: The baselines of the "final J" target.
 BASELINES = ("k1", "k2", "kl")
 
 
@@ -200,6 +201,31 @@ def format_targets(ts: Sequence[dict[str, Any]]) -> str:
             f"{t['collapse'].fmt('+.3f') if 'collapse' in t else '-'} | {yn(t, 'collapse_met')} | "
             f"{t['benign'].fmt('.2f') if 'benign' in t else '-'} | {yn(t, 'benign_met')}"
             f"{' (CI > 1)' if t.get('benign_strict') else ''} |")
+    return "\n".join(lines)
+
+
+def target_summary(tgts: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per gate arm: how many of its pre-registered checks are met, and its mean dJ vs K=1 over all (task, lr)
+    cells (the tie-break of the recommendation rule in docs/ablation.md)."""
+    out = []
+    for arm in dict.fromkeys(t["arm"] for t in tgts):
+        ts = [t for t in tgts if t["arm"] == arm]
+        checks = [t[k] for t in ts for k in ("final_met", "collapse_met", "benign_met") if k in t]
+        d = []
+        for key in dict.fromkeys(_key(r) for r in rows):
+            grp = [r for r in rows if _key(r) == key]
+            xa, xb = _paired(grp, arm, "k1", "final_j")
+            if xa:
+                d.append(diff_of_means(xa, xb))
+        out.append({"arm": arm, "met": sum(checks), "checks": len(checks),
+                    "mean_d_final_vs_k1": statistics.fmean(d) if d else float("nan")})
+    return out
+
+
+def format_target_summary(ts: Sequence[dict[str, Any]]) -> str:
+    lines = ["| gate arm | checks met | mean dJ vs K=1 over all cells |", "|---|---|---|"]
+    for t in ts:
+        lines.append(f"| {t['arm']} | {t['met']}/{t['checks']} | {t['mean_d_final_vs_k1']:+.3f} |")
     return "\n".join(lines)
 
 

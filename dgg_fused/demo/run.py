@@ -31,7 +31,7 @@ import torch
 
 from .. import GateConfig, GatedOptimizer
 from ..monitor import DWDMonitor, HarmOracle
-from .arms import Arm, Gated
+from .arms import Arm
 from .evaluate import HeldOut
 from .grpo import Rollouts, completion_logprobs, decode_completions, encode_prompts, generate, group_advantages, ppo_clip_loss
 from .model import ModelConfig, build_model, build_tokenizer, task_token_ids
