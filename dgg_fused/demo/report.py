@@ -83,7 +83,8 @@ def _key(r):
 
 
 def _paired(rows, a: str, b: str, field: str) -> tuple[list[float], list[float]]:
-    by = {(r["arm"], r["seed"]): r[field] for r in rows}
+    """Values of ``field`` for arms ``a`` and ``b`` on the seeds where both have a (non-NaN) value."""
+    by = {(r["arm"], r["seed"]): r[field] for r in rows if r[field] == r[field]}
     seeds = sorted(s for (arm, s) in by if arm == a and (b, s) in by)
     return [by[(a, s)] for s in seeds], [by[(b, s)] for s in seeds]
 
@@ -116,7 +117,7 @@ def aggregate(rows: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> list[
                                             ("d_auc_vs_k1", "auc", diff_of_means, "k1"),
                                             ("x_rollouts_vs_k1", "rollouts_to_target", None, "k1")):
                 xa, xb = _paired(grp, arm, base, field)
-                if not xa or any(v != v for v in xa + xb):
+                if not xa:
                     a[name] = Estimate(float("nan"), float("nan"), float("nan"), 0)
                 elif stat is None:  # K=1's mean over the arm's: > 1 means fewer rollouts
                     a[name] = paired_bootstrap(xb, xa, ratio_of_means)
@@ -169,15 +170,16 @@ def targets(rows: Sequence[dict[str, Any]], gate_arm: str) -> list[dict[str, Any
         means = {b: m for b, m in means.items() if m == m}
         best = max(means, key=means.get) if means else None
         t = {"task": key[0], "lr": key[1], "arm": gate_arm, "best": best}
-        if best:
+        if best and _paired(grp, gate_arm, best, "final_j")[0]:
             xa, xb = _paired(grp, gate_arm, best, "final_j")
             t["final"] = paired_bootstrap(xa, xb, diff_of_means)
             t["final_met"] = t["final"].hi >= 0.0
         lrs = sorted(set(lrs_by_task[key[0]]))
         if len(lrs) > 1 and key[1] == lrs[-1]:
             xa, xb = _paired(grp, gate_arm, "k1", "final_j")
-            t["collapse"] = paired_bootstrap(xa, xb, diff_of_means)
-            t["collapse_met"] = t["collapse"].value >= 0.0
+            if xa:
+                t["collapse"] = paired_bootstrap(xa, xb, diff_of_means)
+                t["collapse_met"] = t["collapse"].value >= 0.0
         if len(lrs) > 1 and key[1] == lrs[0]:
             xa, xb = _paired(grp, gate_arm, "kl", "rollouts_to_target")
             if xa:
