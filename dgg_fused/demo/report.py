@@ -156,7 +156,7 @@ def targets(rows: Sequence[dict[str, Any]], gate_arm: str) -> list[dict[str, Any
       paired 95% CI: met when the CI of (gate - best) reaches 0 or above.
     * ``collapse`` (highest lr only): mean final J >= K=1's.
     * ``benign`` (lowest lr only): beats kl on rollouts-to-target: ratio of means kl / gate, met when > 1
-      (the CI is reported; ``strict`` when its lower end is > 1 too).
+      (the CI is reported; ``strict`` when its lower end is > 1 too). Not applicable to ``kl`` itself.
     """
     out = []
     lrs_by_task: dict[str, list[float]] = {}
@@ -180,7 +180,7 @@ def targets(rows: Sequence[dict[str, Any]], gate_arm: str) -> list[dict[str, Any
             if xa:
                 t["collapse"] = paired_bootstrap(xa, xb, diff_of_means)
                 t["collapse_met"] = t["collapse"].value >= 0.0
-        if len(lrs) > 1 and key[1] == lrs[0]:
+        if len(lrs) > 1 and key[1] == lrs[0] and gate_arm != "kl":  # kl cannot beat itself: not applicable
             xa, xb = _paired(grp, gate_arm, "kl", "rollouts_to_target")
             if xa:
                 t["benign"] = paired_bootstrap(xb, xa, ratio_of_means)
