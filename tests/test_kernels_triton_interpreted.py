@@ -15,7 +15,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch
 
 from dgg_fused.ops import available_backends, grad_sumsq, grad_sumsq_reference
-from test_epilogue import CONFIGS, run_and_compare, sequence
+from gate_harness import CONFIGS, run_and_compare, sequence
 
 
 def _ref(ts):
@@ -96,4 +96,4 @@ def test_grad_sumsq_partials_add_up_to_the_energy():
 
 def test_opcheck_triton_backend():
     for ts in ([torch.randn(33)], [torch.randn(4, 5).bfloat16(), torch.randn(0)]):
-        torch.library.opcheck(torch.ops.dgg_fused.grad_sumsq.default, (ts, "triton"))
+        torch.library.opcheck(torch.ops.dgg_fused.sumsq_triton.default, (ts,))

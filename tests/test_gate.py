@@ -1,4 +1,6 @@
-"""The DGG rule (dgg_fused.gate) against an independent float64 numpy implementation of docs/rule.md."""
+"""dgg_fused.gate: the rule against an independent float64 numpy implementation of docs/rule.md, the gate state and
+its checkpoint validation, the shared codes of every encoding, and each fused twin (C++ here; Triton in
+tests/test_kernels_triton_interpreted.py, CUDA in tests/test_gpu_kernels.py) against the reference."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from hypothesis import strategies as st
 
 from dgg_fused import GateConfig
 from dgg_fused.config import REFERENCES, STATISTICS
-from dgg_fused.gate import GateState, gate_step_, zscore
+from dgg_fused.gate import GateState, gate_step_, resolve_impl, zscore
+from dgg_fused.ops import available_backends
+from gate_harness import CONFIGS, run_and_compare, sequence
 
 TINY = float(np.finfo(np.float32).tiny)
 
@@ -246,3 +250,68 @@ def test_gate_state_round_trip_and_validation():
     bad["counters"] = bad["counters"].float()
     with pytest.raises(ValueError, match="counters"):
         b.load_state_dict(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- fused twins
+
+needs_cpp = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="dgg_fused._C not built")
+
+
+def test_auto_on_cpu_is_the_cpp_twin_when_built():
+    expected = "cpp" if "cpp" in available_backends("cpu") else "reference"
+    assert resolve_impl("auto", torch.device("cpu")) == expected
+    assert resolve_impl("reference", torch.device("cpu")) == "reference"
+
+
+def test_unknown_or_unavailable_impl_raises():
+    with pytest.raises(ValueError, match="gate impl"):
+        resolve_impl("fast", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="not available"):
+        resolve_impl("cuda", torch.device("cpu"))
+
+
+@needs_cpp
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.statistic}-{c.reference}-w{c.window}")
+@pytest.mark.parametrize("adversarial", [False, True], ids=["random", "adversarial"])
+def test_cpp_epilogue_matches_reference(config, adversarial):
+    trips = 0
+    for seed in range(2):
+        trips += run_and_compare("cpp", config, sequence(seed * 7 + adversarial, n=45, adversarial=adversarial))
+    if not adversarial and config.reference != "all":
+        assert trips > 0, "the sequences never tripped the gate: the comparison would not cover trips"
+
+
+@needs_cpp
+def test_cpp_epilogue_sums_partials_and_scales():
+    cfg = GateConfig(window=2, tau=0.5)
+    a = GateState.create(2, "cpu")
+    b = GateState.create(2, "cpu")
+    gate_step_(a, torch.tensor(12.0) / torch.tensor(2.0).square(), cfg, impl="reference")
+    gate_step_(b, torch.tensor([6.0, 4.0, 2.0]), cfg, grad_scale=torch.tensor(2.0), impl="cpp")
+    for name, t in a.tensors().items():
+        assert torch.equal(t, b.tensors()[name]), name
+
+
+@needs_cpp
+def test_cpp_epilogue_window_not_full_never_trips():
+    cfg = GateConfig(window=8, tau=0.1)
+    st = GateState.create(8, "cpu")
+    for i in range(7):
+        st.reuse_index.fill_(1)
+        gate_step_(st, torch.tensor(1.0 + i), cfg, impl="cpp")
+    st.reuse_index.fill_(2)
+    gate_step_(st, torch.tensor(1e30), cfg, impl="cpp")
+    assert st.skip.item() == 0.0 and st.filled.tolist() == [7, 6]
+    st.reuse_index.fill_(1)
+    gate_step_(st, torch.tensor(2.0), cfg, impl="cpp")
+    st.reuse_index.fill_(2)
+    gate_step_(st, torch.tensor(1e30), cfg, impl="cpp")
+    assert st.skip.item() == 1.0 and bool(st.stopped)
+
+
+@needs_cpp
+def test_cpp_epilogue_rejects_bad_state():
+    st = GateState.create(4, "cpu")
+    st.counters = st.counters.to(torch.int32)
+    with pytest.raises(RuntimeError, match="counters"):
+        gate_step_(st, torch.tensor(1.0), GateConfig(window=4), impl="cpp")
