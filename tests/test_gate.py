@@ -315,3 +315,70 @@ def test_cpp_epilogue_rejects_bad_state():
     st.counters = st.counters.to(torch.int32)
     with pytest.raises(RuntimeError, match="counters"):
         gate_step_(st, torch.tensor(1.0), GateConfig(window=4), impl="cpp")
+
+
+# ---------------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("impl", ["reference"] + (["cpp"] if "cpp" in available_backends("cpu") else []))
+def test_window_near_float32_max_keeps_a_finite_scale(impl):
+    """D5: window energies ~6e37 (their float32 sum overflows): a 5x spike still has a large, finite Z-score and
+    trips; a look-alike does not."""
+    cfg = GateConfig(window=8, tau=3.0)
+    st = GateState.create(8, "cpu")
+    for i in range(8):
+        st.set_reuse_index(1)
+        gate_step_(st, torch.tensor(6e37 * (1.0 + 0.01 * (i % 3))), cfg, impl=impl)
+    st.set_reuse_index(2)
+    gate_step_(st, torch.tensor(6.05e37), cfg, impl=impl)
+    assert st.skip.item() == 0.0 and math.isfinite(st.last[1].item())
+    gate_step_(st, torch.tensor(3e38), cfg, impl=impl)
+    z = st.last[1].item()
+    assert st.skip.item() == 1.0 and math.isfinite(z) and z > 100, z
+
+
+# ---------------------------------------------------------------------------------------------------- shared codes
+def test_cpp_enums_match_the_shared_codes():
+    """The C++ twin's encoding of statistic/reference (csrc/gate_epilogue.h) is the one of dgg_fused.config."""
+    import re
+    from pathlib import Path
+
+    from dgg_fused.config import Reference, Statistic
+
+    header = (Path(__file__).parent.parent / "csrc" / "gate_epilogue.h").read_text()
+
+    def enum(name):
+        body = re.search(rf"enum {name} : int64_t \{{([^}}]*)\}}", header).group(1)
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
+
+    assert enum("Statistic") == {"kEnergy": Statistic.ENERGY, "kIncrement": Statistic.INCREMENT, "kBoth": Statistic.BOTH}
+    assert enum("Reference") == {"kFirstPass": Reference.FIRST_PASS, "kAccepted": Reference.ACCEPTED,
+                                 "kAll": Reference.ALL}
+
+
+def test_triton_constexprs_are_the_shared_codes():
+    """The Triton twin takes its codes from dgg_fused.config (read from the source: importing it needs triton)."""
+    from pathlib import Path
+
+    import dgg_fused.gate
+
+    src = (Path(dgg_fused.gate.__file__).parent / "_triton.py").read_text()
+    assert "from ..config import Reference, Statistic" in src
+    for code in ("STAT_ENERGY", "STAT_INCREMENT", "REF_FIRST_PASS", "REF_ACCEPTED"):
+        assert f"{code} = tl.constexpr(int(" in src, code
+    assert "STAT == 0" not in src and "REF == 0" not in src and "STAT == 1" not in src
+
+
+def test_fused_ops_take_numbers_not_gate_names():
+    """The epilogue is an op: one Python schema (the Triton op's), the C++ one the same signature."""
+    from dgg_fused.gate.fused import SCHEMA
+
+    schema = torch.ops.dgg_fused.gate_epilogue_triton.default._schema
+    assert str(schema).endswith(SCHEMA.split("(", 1)[1].rsplit("->", 1)[0].strip().rstrip(")") + ") -> ()")
+    if "cpp" in available_backends("cpu"):
+        from dgg_fused.gate.fused import _compiled_op
+
+        c = _compiled_op().default._schema
+        assert [a.type for a in c.arguments] == [a.type for a in schema.arguments]
+        st = GateState.create(4, "cpu")
+        args = (torch.tensor([1.0]), None, None, st.window, st.filled, st.prev_energy, st.reuse_index, st.stopped,
+                st.counters, st.last, st.skip, 0.3, 1e-3, 0, 0)
+        torch.library.opcheck(_compiled_op().default, args, test_utils=("test_schema", "test_faketensor"))
