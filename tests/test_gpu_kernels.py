@@ -13,6 +13,7 @@ import torch
 from dgg_fused import GateConfig, GatedOptimizer
 from dgg_fused.gate import resolve_impl
 from dgg_fused.ops import available_backends, grad_sumsq, resolve_backend
+from dgg_fused.ops.reference import grad_sumsq_reference
 from helpers import batch, loss_fn, make_model
 from gate_harness import CONFIGS, run_and_compare, sequence
 
@@ -27,7 +28,7 @@ SHAPES = {"qwen0.5b": (151936, 896), "llama3-8b": (128256, 4096), "qwen7b": (152
 
 
 def _ref64(ts):
-    return sum((t.double().square().sum() for t in ts), torch.zeros((), dtype=torch.float64, device=ts[0].device))
+    return grad_sumsq_reference(ts, out_dtype=torch.float64)
 
 
 def test_auto_choices_on_cuda():

@@ -19,7 +19,7 @@ from gate_harness import CONFIGS, run_and_compare, sequence
 
 
 def _ref(ts):
-    return sum((t.double().square().sum() for t in ts), torch.zeros((), dtype=torch.float64))
+    return grad_sumsq_reference(ts, out_dtype=torch.float64)
 
 
 def test_triton_is_available_on_cpu_when_interpreted():
