@@ -30,7 +30,7 @@ import torch
 
 from .distributed import global_grad_sumsq, is_dtensor
 from .gate.reference import energy_from
-from .ops import grad_sumsq_partials, kernel, resolve_backend
+from .ops import kernel, resolve_backend
 
 __all__ = ["Energy", "EnergyMeter"]
 
@@ -121,10 +121,8 @@ class EnergyMeter:
         dtypes = tuple(g.dtype for g in grads)
         device = grads[0].device
         name = self._name if (device == self._device and dtypes == self._dtypes) else self._plan_for(device, dtypes)
-        if partials and name == "triton":
-            p = grad_sumsq_partials(grads, backend=name)
-            if p is not None:
-                return Energy(p, grad_scale)
+        if partials and name == "triton":  # stage 1 only: the gate's epilogue adds the partials (2 launches a step)
+            return Energy(torch.ops.dgg_fused.sumsq_partials_triton(grads), grad_scale)
         return Energy(kernel(name)(grads), grad_scale)
 
     # ------------------------------------------------------------------ a recorded energy

@@ -184,8 +184,10 @@ class GatedOptimizer(torch.optim.Optimizer):
             _check_group(energy_group)
         device = params[0].device if params else _first_device(optimizer)
         # backend= is resolved here, for the energy and for the gate: a bad or unavailable name raises now
+        backend = _known_backend(backend)
         energy = EnergyMeter(params, backend=backend, group=energy_group) if params else None
-        gate_impl = resolve_impl(impl_for_config(impl_for_backend(_known_backend(backend)), config), device)
+        # a drift gate runs the reference rule (the fused twins implement the energy-only rule)
+        gate_impl = impl_for_config("auto", config) if config.uses_drift else resolve_impl(impl_for_backend(backend), device)
 
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults (delegated below).
         for k, v in _optimizer_base_attrs().items():
@@ -195,7 +197,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self._config = config
         self.skip_mode = skip_mode
-        self.backend = backend
+        self._backend = backend
         self.max_grad_norm = max_grad_norm
         self._grad_norm: torch.Tensor | None = None
         self._lm_head = params
@@ -248,6 +250,11 @@ class GatedOptimizer(torch.optim.Optimizer):
             "GatedOptimizer.config is read-only: the gate state was built for it (window size, rule); "
             "construct a new GatedOptimizer with the new GateConfig"
         )
+
+    @property
+    def backend(self) -> str:
+        """The ``backend=`` this optimizer was built with (read-only: it was resolved at construction)."""
+        return self._backend
 
     @property
     def energy_group(self) -> Any:
@@ -540,7 +547,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         """The clip's gradient reader of a drift-only gate (no lm_head): an EnergyMeter over no lm_head tensor."""
         meter = self.__dict__.get("_clip_only_meter")
         if meter is None:
-            meter = self._clip_only_meter = EnergyMeter.for_clip(backend=self.backend)
+            meter = self._clip_only_meter = EnergyMeter.for_clip(backend=self._backend)
         return meter
 
     def _warn_host_path(self) -> None:

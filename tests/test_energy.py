@@ -127,8 +127,11 @@ def test_backend_governs_energy_and_gate_alike():
     assert GatedOptimizer(inner, lm_head=model.lm_head)._gate_impl == "cpp"  # the CPU default: the C++ twin
     ref = GatedOptimizer(inner, lm_head=model.lm_head, backend="torch")
     assert ref._gate_impl == "reference" and ref._energy.resolved_backend == "torch"
-    drift = GatedOptimizer(inner, lm_head=model.lm_head, config=GateConfig(drift="approx_kl"))
-    assert drift._gate_impl == "reference"  # the twins implement the energy-only rule
+    for backend in ("auto", "cpp"):  # the twins implement the energy-only rule: a drift gate runs the reference
+        drift = GatedOptimizer(inner, lm_head=model.lm_head, config=GateConfig(drift="approx_kl"), backend=backend)
+        assert drift._gate_impl == "reference" and drift._energy.resolved_backend == "cpp"
+    with pytest.raises(AttributeError):
+        ref.backend = "cpp"  # resolved at construction: read-only
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="dgg_fused._C not built")
