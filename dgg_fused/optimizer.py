@@ -94,6 +94,53 @@ def _lm_head_params(lm_head: Any) -> list[torch.Tensor]:
     return uniq
 
 
+class _HostStopFlag:
+    """A host copy of the gate's 0-d ``stopped`` flag, refreshed after each step without making the host wait.
+
+    On CUDA: a non-blocking copy into pinned memory plus an event, polled with ``query()`` (never blocks unless
+    asked); inside a CUDA-graph capture the copy is captured and lands at each replay, with no event. On CPU a plain
+    copy (always current); on other accelerators a synchronising copy (no event API here).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        self.buf = torch.zeros((), dtype=torch.bool, pin_memory=pin)
+        self.event = None
+        self.cached = False
+
+    def clear(self) -> None:
+        self.buf.fill_(False)
+        self.event = None
+        self.cached = False
+
+    def publish(self, src: torch.Tensor) -> None:
+        if src.device.type == "cuda":
+            self.buf.copy_(src, non_blocking=True)
+            if torch.cuda.is_current_stream_capturing():
+                # An event recorded inside a capture cannot be queried afterwards; a late answer is safe (steps of
+                # a stopped batch are dropped on the device anyway).
+                self.event = None
+            else:
+                self.event = torch.cuda.Event()
+                self.event.record()
+        else:
+            self.buf.copy_(src)
+
+    def poll(self, block: bool) -> bool:
+        ev = self.event
+        if ev is not None:
+            if block:
+                ev.synchronize()
+            elif not ev.query():
+                return self.cached
+            self.event = None
+        self.cached = bool(self.buf)
+        return self.cached
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "event": None}  # a CUDA event is not picklable; the buffer is re-read on demand
+
+
 class GatedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that DGG can drop lm_head-energy spikes on reuse passes before they reach it.
 
@@ -211,7 +258,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self._in_passes = False
         self._warned_host_path = False
         self._warned_no_reuse_index = False
-        self._init_host_flag(device)
+        self._stop_flag = _HostStopFlag(device)
 
     # ------------------------------------------------------------------ delegation (the wrapper contract)
     @property
@@ -287,11 +334,9 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # Like torch's optimizers, a copy/pickle carries no per-instance patches of step() (an LR scheduler wraps
-        # the instance's step in a closure over *this* object: copied, it would step the original), and no CUDA
-        # event (not picklable; the host flag is re-read on demand).
+        # the instance's step in a closure over *this* object: copied, it would step the original).
         state = self.__dict__.copy()
         state.pop("step", None)
-        state["_stopped_event"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -318,9 +363,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self._reuse_index_set = True
         self._gate.set_reuse_index(k)
         if k == 1:
-            self._host_stopped.fill_(False)
-            self._stopped_cached = False
-            self._stopped_event = None
+            self._stop_flag.clear()
 
     @property
     def reuse_stopped(self) -> bool:
@@ -335,15 +378,7 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     def poll_reuse_stopped(self, block: bool = False) -> bool:
         """:attr:`reuse_stopped`, optionally waiting for the last step's copy to land (``block=True``)."""
-        ev = self._stopped_event
-        if ev is not None:
-            if block:
-                ev.synchronize()
-            elif not ev.query():
-                return self._stopped_cached
-            self._stopped_event = None
-        self._stopped_cached = bool(self._host_stopped)
-        return self._stopped_cached
+        return self._stop_flag.poll(block)
 
     def passes(self, max_reuse: int | None = None, *, block: bool = False) -> Iterator[int]:
         """Iterate the reuse passes of one rollout batch: yields k = 1, 2, ... and stops when the gate trips.
@@ -478,7 +513,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         device = energy.value.device if energy is not None else self._gate.device
         if device != self._gate.device:
             self._gate.to(device)
-            self._init_host_flag(device)
+            self._stop_flag = _HostStopFlag(device)
 
         external = None
         if scaler_inf is not None:  # an overflowed step is the scaler's to drop: the gate ignores it
@@ -505,7 +540,7 @@ class GatedOptimizer(torch.optim.Optimizer):
                 run_inner = not bool(scaler_inf)
         if run_inner:
             self._step_inner(found_inf, scaler_scale)
-        self._publish_stopped()
+        self._stop_flag.publish(self._gate.stopped)
 
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, args, kwargs)
@@ -573,28 +608,6 @@ class GatedOptimizer(torch.optim.Optimizer):
             stacklevel=3,
         )
 
-    def _init_host_flag(self, device: torch.device) -> None:
-        pin = device.type == "cuda" and torch.cuda.is_available()
-        self._host_stopped = torch.zeros((), dtype=torch.bool, pin_memory=pin)
-        self._stopped_event = None
-        self._stopped_cached = False
-
-    def _publish_stopped(self) -> None:
-        src = self._gate.stopped
-        if src.device.type == "cuda":
-            self._host_stopped.copy_(src, non_blocking=True)
-            if torch.cuda.is_current_stream_capturing():
-                # An event recorded inside a CUDA-graph capture cannot be queried afterwards. The copy itself is
-                # captured and lands at each replay; reuse_stopped then reads the host buffer as it is (a late
-                # answer is safe: steps of a stopped batch are dropped on the device anyway).
-                self._stopped_event = None
-            else:
-                ev = torch.cuda.Event()
-                ev.record()
-                self._stopped_event = ev
-        else:  # CPU: a plain copy costs nothing; other accelerators: a synchronising copy (no event API here)
-            self._host_stopped.copy_(src)
-
     # ------------------------------------------------------------------ metrics
     @property
     def metrics(self) -> dict[str, torch.Tensor]:
@@ -647,8 +660,8 @@ class GatedOptimizer(torch.optim.Optimizer):
             self._reuse_index = k
             self._reuse_index_set = True
             self._discard_recorded()
-            self._init_host_flag(self._gate.device)
-            self._publish_stopped()
+            self._stop_flag = _HostStopFlag(self._gate.device)
+            self._stop_flag.publish(self._gate.stopped)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
