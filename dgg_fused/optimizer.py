@@ -233,8 +233,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         # backend= is resolved here, for the energy and for the gate: a bad or unavailable name raises now
         backend = _known_backend(backend)
         energy = EnergyMeter(params, backend=backend, group=energy_group) if params else None
-        # a drift gate runs the reference rule (the fused twins implement the energy-only rule)
-        gate_impl = impl_for_config("auto", config) if config.uses_drift else resolve_impl(impl_for_backend(backend), device)
+        gate_impl = _gate_impl_for(backend, config, device)
 
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults (delegated below).
         for k, v in _optimizer_base_attrs().items():
@@ -513,6 +512,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         device = energy.value.device if energy is not None else self._gate.device
         if device != self._gate.device:
             self._gate.to(device)
+            self._gate_impl = _gate_impl_for(self._backend, self.config, device)  # the lm_head moved (e.g. .cuda())
             self._stop_flag = _HostStopFlag(device)
 
         external = None
@@ -680,6 +680,14 @@ def _first_device(optimizer: torch.optim.Optimizer) -> torch.device:
         for p in g["params"]:
             return p.device
     return torch.device("cpu")
+
+
+def _gate_impl_for(backend: str, config: GateConfig, device: torch.device) -> str:
+    """The gate implementation for ``backend=`` on ``device``; a drift gate runs the reference rule (the fused twins
+    implement the energy-only rule)."""
+    if config.uses_drift:
+        return impl_for_config("auto", config)
+    return resolve_impl(impl_for_backend(backend), device)
 
 
 def _known_backend(backend: Any) -> str:
