@@ -76,6 +76,11 @@ class EnergyMeter:
         if self.params:
             self._plan_for(self.params[0].device, tuple(p.dtype for p in self.params))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy starts without a recorded energy (tied by weak references to these gradients) and without a
+        # cached clip plan (rebuilt on first use).
+        return {**self.__dict__, "_pending": None, "_pending_refs": (), "_clip_plan": None}
+
     @classmethod
     def for_clip(cls, *, backend: str = "auto") -> "EnergyMeter":
         """A meter with no lm_head, for clipping only (a drift-only gate)."""
