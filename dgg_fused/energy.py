@@ -94,6 +94,7 @@ class EnergyMeter:
         return {**self.__dict__, "_pending": None, "_clip_plan": None, "_hook": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = {"_hook": None, "_hook_wanted": False, "_hook_warned": set(), **state}  # older copies lack these
         self.__dict__.update(state)
         if self._hook_wanted:
             self.attach_hook()
