@@ -212,7 +212,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         backend: str = "auto",
         max_grad_norm: float | None = None,
         energy_group: Any = None,
-        fold_clip: bool = True,
+        fold_clip: bool = False,
         energy_hook: bool = False,
     ) -> None:
         if isinstance(optimizer, GatedOptimizer):
@@ -400,7 +400,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"fold_clip": True, **state})  # pickles from before fold_clip existed
+        self.__dict__.update({"fold_clip": False, **state})  # pickles from before fold_clip existed
 
     # ------------------------------------------------------------------ reuse bookkeeping
     @property

@@ -311,7 +311,7 @@ def test_folded_clip_leaves_the_grads_of_a_skipped_step_unclipped():
     m = make_model(0, bias=True)
     cfg = GateConfig(window=2, tau=0.3)
     opt = GatedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), lm_head=m.lm_head, config=cfg,
-                         max_grad_norm=0.01)
+                         max_grad_norm=0.01, fold_clip=True)
     for s in range(2):
         opt.set_reuse_index(1)
         loss_fn(m, batch(s)).backward()
