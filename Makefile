@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.14.1
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,trl]"
+	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev,trl,deepspeed]"
 	touch $@
 
 venv: $(VENV)/.installed
