@@ -4,7 +4,8 @@
     opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head)
 """
 
-from .config import REFERENCES, STATISTICS, GateConfig
+from .config import COMBINES, DRIFT_RULES, DRIFT_STATS, REFERENCES, STATISTICS, GateConfig
+from .drift import drift_stats
 from .lm_head import TiedLmHeadWarning, find_lm_head, is_tied
 from .ops import available_backends, grad_sumsq
 from .optimizer import SKIP_MODES, GatedOptimizer
@@ -16,6 +17,10 @@ __all__ = [
     "GateConfig",
     "STATISTICS",
     "REFERENCES",
+    "DRIFT_STATS",
+    "DRIFT_RULES",
+    "COMBINES",
+    "drift_stats",
     "SKIP_MODES",
     "find_lm_head",
     "is_tied",

@@ -43,6 +43,10 @@ class GateState:
         counters: ``(3,)`` int64: steps, gated (skipped) steps, stopped batches.
         last: ``(4,)`` float32 metrics of the last step: energy, statistic (Z-score), gated (0/1), skipped (0/1).
         skip: ``()`` float32, 1.0 when the last step must not be applied, else 0.0 (the ``found_inf`` protocol).
+        drift_window: ``(W,)`` float32 shift buffer of reference drift values (``drift_rule="zscore"`` only).
+        drift_filled: ``()`` int64, number of valid entries of ``drift_window``.
+        drift_last: ``(2,)`` float32 metrics of the last step's drift rule: value, statistic (the value itself
+            for ``"threshold"``, its Z-score for ``"zscore"``); 0 until a drift statistic is observed.
     """
 
     window: torch.Tensor
@@ -53,6 +57,9 @@ class GateState:
     counters: torch.Tensor
     last: torch.Tensor
     skip: torch.Tensor
+    drift_window: torch.Tensor
+    drift_filled: torch.Tensor
+    drift_last: torch.Tensor
 
     @classmethod
     def create(cls, window: int, device: torch.device | str) -> "GateState":
@@ -66,7 +73,13 @@ class GateState:
             counters=torch.zeros(3, dtype=torch.int64, device=dev),
             last=torch.zeros(4, dtype=torch.float32, device=dev),
             skip=torch.zeros((), dtype=torch.float32, device=dev),
+            drift_window=torch.zeros(window, dtype=torch.float32, device=dev),
+            drift_filled=torch.zeros((), dtype=torch.int64, device=dev),
+            drift_last=torch.zeros(2, dtype=torch.float32, device=dev),
         )
+
+    #: Tensors added after the first checkpoint format; a checkpoint without them loads with fresh values.
+    OPTIONAL = ("drift_window", "drift_filled", "drift_last")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -81,6 +94,9 @@ class GateState:
         Validates every key, shape and dtype before writing anything, so a bad checkpoint changes nothing.
         """
         mine = self.tensors()
+        if any(k not in sd for k in self.OPTIONAL):  # an older checkpoint: fresh drift state
+            fresh = GateState.create(self.window.shape[1], self.skip.device).tensors()
+            sd = {**{k: fresh[k] for k in self.OPTIONAL}, **sd}
         missing, unknown = set(mine) - set(sd), set(sd) - set(mine)
         if missing or unknown:
             raise ValueError(f"gate state: missing keys {sorted(missing)}, unexpected keys {sorted(unknown)}")
@@ -130,10 +146,11 @@ def _push_(row: torch.Tensor, x: torch.Tensor, enter: torch.Tensor) -> None:
 
 def gate_step_(
     state: GateState,
-    energy: torch.Tensor,
+    energy: torch.Tensor | None,
     config: GateConfig,
     external_skip: torch.Tensor | None = None,
     *,
+    drift: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """One DGG decision: update ``state`` in place and return the 0-d float32 skip flag (1.0 = drop the step).
@@ -150,11 +167,28 @@ def gate_step_(
     * ``external_skip`` (0-d, > 0 means set): a step the caller drops anyway (a GradScaler overflow). The gate
       ignores it like a step on a stopped batch: no trip, no window update, only ``steps`` is counted.
 
+    * Drift (``config.drift`` set): ``drift`` (0-d) is the watched policy-drift statistic of this step. Its rule
+      (``config.drift_rule``) is ``drift > drift_threshold`` or ``Z(drift) > tau`` against its own window (full),
+      a non-finite value counting as exceeded; it combines with the energy rule by ``config.combine`` (``"any"``:
+      either trips; ``"all"``: both must). Trips, stops and windows then follow the same rules as above.
+      ``config.energy=False``: only the drift rule; ``energy`` may be None.
+
     ``impl`` picks the implementation (``dgg_fused.ops.resolve_epilogue``): ``"reference"`` is the torch code
     below; ``"triton"``/``"cuda"``/``"cpp"`` run the same rule fused in one launch / one call (``energy`` may then
     also be a 1-D tensor of partial sums, added in order); ``"auto"`` takes a fused one on CUDA, else the reference
-    (also under ``torch.compile``, where Inductor fuses the reference's ops).
+    (also under ``torch.compile``, where Inductor fuses the reference's ops). The fused implementations cover the
+    energy-only rule; with a drift statistic configured ``"auto"`` takes the reference (still on the device, no
+    sync) and an explicit fused ``impl`` raises ``ValueError``.
     """
+    uses_drift = config.drift is not None or not config.energy
+    if uses_drift:
+        if drift is None:
+            raise ValueError(f"gate_step_: GateConfig.drift={config.drift!r} needs this step's drift value (drift=...)")
+        if impl not in ("auto", "reference"):
+            raise ValueError(f"gate_step_: impl={impl!r} implements the energy-only rule; a drift gate runs 'reference'")
+        impl = "reference"
+    if config.energy and energy is None:
+        raise ValueError("gate_step_: the energy rule needs this step's lm_head energy")
     if impl == "auto" and torch.compiler.is_compiling():
         impl = "reference"  # under torch.compile, Inductor fuses the reference's ops itself (no graph break)
     impl = resolve_epilogue(impl, state.skip.device)
@@ -170,7 +204,11 @@ def gate_step_(
             external_skip=external_skip,
         )
         return state.skip
-    e = energy.detach().reshape(()).to(torch.float32)
+    dev = state.skip.device
+    if energy is None:
+        e = torch.full((), float("nan"), dtype=torch.float32, device=dev)
+    else:
+        e = energy.detach().reshape(()).to(device=dev, dtype=torch.float32)
     finite = torch.isfinite(e)
     stopped_before = state.stopped.clone()
     observed = ~stopped_before
@@ -195,8 +233,25 @@ def gate_step_(
     inf = torch.full((), float("inf"), dtype=torch.float32, device=e.device)
     z = torch.where(finite, z, inf)
 
-    active = (k > 1) & full & observed
-    trip = active & (z > config.tau)
+    cond = full & (z > config.tau)  # the energy rule
+    if uses_drift:
+        d = drift.detach().reshape(()).to(device=dev, dtype=torch.float32)
+        d_finite = torch.isfinite(d)
+        if config.drift_rule == "threshold":
+            d_stat = d
+            d_cond = ~d_finite | (d > config.drift_threshold)
+        else:
+            d_stat = torch.where(d_finite, zscore(state.drift_window, state.drift_filled, d, config.std_floor), inf)
+            d_cond = (state.drift_filled >= w) & (d_stat > config.tau)
+        if not config.energy:
+            cond = d_cond
+        elif config.combine == "any":
+            cond = cond | d_cond
+        else:
+            cond = cond & d_cond
+
+    active = (k > 1) & observed
+    trip = active & cond
     skipped = stopped_before | trip
 
     if config.reference == "first_pass":
@@ -209,11 +264,18 @@ def gate_step_(
     enter_i = enter & finite & inc_ok
     _push_(state.window[0], e, enter_e)
     _push_(state.window[1], inc, enter_i)
+    if uses_drift:
+        enter_d = enter & d_finite
+        if config.drift_rule == "zscore":
+            _push_(state.drift_window, d, enter_d)
+            state.drift_filled.add_(enter_d.to(torch.int64)).clamp_(max=w)
+        state.drift_last.copy_(torch.stack([d, d_stat]))
     state.filled.add_(torch.stack([enter_e, enter_i]).to(torch.int64)).clamp_(max=w)
     state.prev_energy.copy_(torch.where(observed & finite, e, state.prev_energy))
     state.stopped.copy_(skipped)
     state.counters.add_(torch.stack([torch.ones_like(trip), skipped, trip]).to(torch.int64))
     skip = skipped.to(torch.float32)
-    state.last.copy_(torch.stack([e, z, trip.to(torch.float32), skip]))
+    z_out = z if config.energy else torch.full_like(z, float("nan"))  # no energy statistic without the energy rule
+    state.last.copy_(torch.stack([e, z_out, trip.to(torch.float32), skip]))
     state.skip.copy_(skip)
     return state.skip

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import GateConfig
+from .config import DRIFT_STATS, GateConfig
 from .gate import CNT_GATED_STEPS, CNT_STEPS, CNT_STOPPED_BATCHES, GateState, gate_step_
 from .distributed import global_grad_sumsq
 from .ops import grad_sumsq_partials, resolve_epilogue
@@ -89,8 +89,10 @@ class GatedOptimizer(torch.optim.Optimizer):
         optimizer: any ``torch.optim.Optimizer`` holding the lm_head parameters. ``fused=True`` Adam, AdamW,
             SGD and Adagrad take the sync-free path.
         lm_head: the output projection: an ``nn.Module`` (all its parameters), a ``Parameter``, or an iterable
-            of Parameters. :func:`dgg_fused.find_lm_head` finds it in Hugging Face models.
-        config: a :class:`GateConfig`; defaults to ``GateConfig()``.
+            of Parameters. :func:`dgg_fused.find_lm_head` finds it in Hugging Face models. May be None only with
+            ``config.energy=False`` (a drift-only gate reads no lm_head).
+        config: a :class:`GateConfig`; defaults to ``GateConfig()`` (the paper's lm_head-energy rule). With
+            ``config.drift`` set, hand the gate each step's drift statistics with :meth:`record_drift`.
         skip_mode: one of :data:`SKIP_MODES`.
         backend: energy backend passed to :func:`dgg_fused.ops.grad_sumsq`.
         max_grad_norm: if set, clip the total gradient norm (all parameters, L2) to this value inside
@@ -109,7 +111,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         *,
-        lm_head: nn.Module | torch.Tensor | Iterable[torch.Tensor],
+        lm_head: nn.Module | torch.Tensor | Iterable[torch.Tensor] | None,
         config: GateConfig | None = None,
         skip_mode: str = "auto",
         backend: str = "auto",
@@ -127,7 +129,12 @@ class GatedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"config must be a GateConfig, got {type(config).__name__}")
         if skip_mode not in SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
-        params = _lm_head_params(lm_head)
+        if lm_head is None:
+            if config.energy:
+                raise TypeError("lm_head= is required by the lm_head-energy rule (GateConfig.energy=True)")
+            params = []
+        else:
+            params = _lm_head_params(lm_head)
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for p in params:
             if id(p) not in in_opt:
@@ -165,10 +172,11 @@ class GatedOptimizer(torch.optim.Optimizer):
         self._grad_norm: torch.Tensor | None = None
         self.energy_group = None  # process group of a hand-sharded (vocab-parallel) lm_head; see dgg_fused.distributed
         self._lm_head = params
-        device = params[0].device
+        device = params[0].device if params else _first_device(optimizer)
         self._gate = GateState.create(config.window, device)
         self._reuse_index = 1
         self._pending_energy: torch.Tensor | None = None
+        self._pending_drift: dict[str, torch.Tensor] = {}
         self._warned_host_path = False
         self._init_host_flag(device)
 
@@ -207,6 +215,7 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending_energy = None
+        self._pending_drift = {}
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
@@ -283,6 +292,8 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ energy
     def _lm_head_grads(self) -> list[torch.Tensor]:
+        if not self._lm_head:
+            raise RuntimeError("GatedOptimizer: this drift-only gate (lm_head=None) has no lm_head energy to measure")
         grads = [p.grad for p in self._lm_head if p.grad is not None]
         if not grads:
             raise RuntimeError(
@@ -291,17 +302,44 @@ class GatedOptimizer(torch.optim.Optimizer):
             )
         return grads
 
-    def record_energy(self, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def record_energy(
+        self, grad_scale: torch.Tensor | None = None, *, energy: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Measure the lm_head gradient energy now and use it at the next :meth:`step`.
 
         Call it where the gradients are the ones the gate should see — e.g. before ``clip_grad_norm_`` (which
         rescales them) — or let an integration call it from a post-accumulate-grad hook. ``grad_scale`` (a
         GradScaler's scale tensor) divides the energy by ``grad_scale**2`` when the gradients are still scaled.
+        ``energy``: hand in an energy measured elsewhere instead (a 0-d floating tensor: the *global*, unscaled
+        sum of squares of the lm_head gradient — e.g. from DeepSpeed ZeRO partitions plus an all-reduce); it is
+        then used as is (divided by ``grad_scale**2`` if that is given too).
         Returns the 0-d float32 energy (device tensor, no sync). :meth:`zero_grad` discards it.
         """
-        e = self._measure_energy(grad_scale)
+        if energy is not None:
+            if not isinstance(energy, torch.Tensor) or energy.numel() != 1 or not energy.is_floating_point():
+                got = f"{tuple(energy.shape)} {energy.dtype}" if isinstance(energy, torch.Tensor) else type(energy).__name__
+                raise ValueError(f"record_energy(energy=...) takes a 0-d floating tensor, got {got}")
+            e = _unscale(energy.detach().reshape(()).to(torch.float32), grad_scale)
+        else:
+            e = self._measure_energy(grad_scale)
         self._pending_energy = e
         return e
+
+    def record_drift(self, **stats: torch.Tensor) -> None:
+        """Hand the gate this step's policy-drift statistics (used by a gate with ``GateConfig.drift`` set).
+
+        Keyword arguments are names from :data:`dgg_fused.DRIFT_STATS` with 0-d (one-element) floating tensors,
+        typically ``opt.record_drift(**dgg_fused.drift_stats(logp_new, logp_old, mask))`` computed in the loss.
+        They stay on the device (no sync) and are used by the next :meth:`step`; :meth:`zero_grad` discards them.
+        A gate that watches no drift statistic ignores them, so a trainer can always call this.
+        """
+        for name, value in stats.items():
+            if name not in DRIFT_STATS:
+                raise ValueError(f"record_drift: unknown statistic {name!r}; known: {DRIFT_STATS}")
+            if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+                got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"record_drift: {name} must be a one-element floating tensor, got {got}")
+        self._pending_drift.update({k: v.detach().reshape(()) for k, v in stats.items()})
 
     def _measure_energy(self, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The one place the lm_head energy is computed: 0-d float32 on the gradients' device, no sync."""
@@ -342,7 +380,9 @@ class GatedOptimizer(torch.optim.Optimizer):
                 grads.append(p.grad)
                 if id(p) not in lm_ids:
                     rest.append(p.grad)
-        if not fresh:  # the energy was recorded earlier (record_energy): the gradients may have changed since
+        if lm_energy is None:  # a drift-only gate: no lm_head singled out, every gradient is in `rest`
+            lm_energy = torch.zeros((), dtype=torch.float32, device=self._gate.skip.device)
+        elif not fresh:  # the energy was recorded earlier (record_energy): the gradients may have changed since
             lm_energy = self._measure_energy(grad_scale)
         if lm_energy.dim() > 0:  # stage-1 partials (_measure_energy_partials): add them as the epilogue does
             lm_energy = lm_energy.sum(dtype=torch.float64)
@@ -376,23 +416,35 @@ class GatedOptimizer(torch.optim.Optimizer):
 
         scaler_scale = getattr(self, "grad_scale", None)  # set by GradScaler when grads are still scaled
         scaler_inf = getattr(self, "found_inf", None)
-        if self._pending_energy is not None:
-            energy = self._pending_energy
-        else:
-            energy = self._measure_energy_partials(scaler_scale)  # CUDA + Triton: 2 launches per gated step
-            if energy is None:
-                energy = self._measure_energy(scaler_scale)
+        drift = None
+        if self.config.drift is not None:
+            drift = self._pending_drift.get(self.config.drift)
+            if drift is None:
+                raise RuntimeError(
+                    f"GatedOptimizer.step(): the gate watches {self.config.drift!r} but this step has none; call "
+                    f"opt.record_drift({self.config.drift}=...) before step() (see dgg_fused.drift_stats)"
+                )
+        energy = None
+        if self.config.energy:
+            if self._pending_energy is not None:
+                energy = self._pending_energy
+            else:
+                energy = self._measure_energy_partials(scaler_scale)  # CUDA + Triton: 2 launches per gated step
+                if energy is None:
+                    energy = self._measure_energy(scaler_scale)
         if self.max_grad_norm is not None:  # after the gate's measurement: the gate sees pre-clip gradients
             self._clip_grads_(energy, scaler_scale, fresh=self._pending_energy is None)
         self._pending_energy = None
-        if energy.device != self._gate.skip.device:
-            self._gate.to(energy.device)
-            self._init_host_flag(energy.device)
+        self._pending_drift = {}
+        device = energy.device if energy is not None else self._gate.skip.device
+        if device != self._gate.skip.device:
+            self._gate.to(device)
+            self._init_host_flag(device)
 
         external = None
         if scaler_inf is not None:  # an overflowed step is the scaler's to drop: the gate ignores it
-            external = scaler_inf.to(device=energy.device, dtype=torch.float32).clamp(0.0, 1.0)
-        skip = gate_step_(self._gate, energy, self.config, external_skip=external)
+            external = scaler_inf.to(device=device, dtype=torch.float32).clamp(0.0, 1.0)
+        skip = gate_step_(self._gate, energy, self.config, external_skip=external, drift=drift)
 
         run_inner = True
         if self._use_found_inf():
@@ -479,10 +531,12 @@ class GatedOptimizer(torch.optim.Optimizer):
 
         Keys: ``energy`` (lm_head gradient energy), ``statistic`` (the Z-score compared with tau), ``gated``
         (1.0 if this step tripped the gate), ``skipped`` (1.0 if this step was dropped: tripped, or on a stopped
-        batch), ``steps``, ``gated_steps`` (dropped steps), ``stopped_batches`` (trips), ``reuse_index``.
+        batch), ``steps``, ``gated_steps`` (dropped steps), ``stopped_batches`` (trips), ``reuse_index``, ``drift``
+        and ``drift_statistic`` (with ``config.drift`` set only: the watched drift statistic's value, and what its
+        rule compared — the value itself, or its Z-score).
         """
         g = self._gate
-        return {
+        out = {
             "energy": g.last[0],
             "statistic": g.last[1],
             "gated": g.last[2],
@@ -492,13 +546,19 @@ class GatedOptimizer(torch.optim.Optimizer):
             "stopped_batches": g.counters[CNT_STOPPED_BATCHES],
             "reuse_index": g.reuse_index,
         }
+        if self.config.drift is not None:
+            out["drift"] = g.drift_last[0]
+            out["drift_statistic"] = g.drift_last[1]
+        return out
 
     def get_metrics(self) -> dict[str, float | int]:
         """:attr:`metrics` as Python numbers for a logger. This is the one call that syncs: do it when logging."""
         g = self._gate
-        packed = torch.cat([g.last.double(), g.counters.double(), g.reuse_index.reshape(1).double()]).cpu().tolist()
-        e, s, gated, skipped, steps, gsteps, sbatches, k = packed
-        return {
+        packed = torch.cat(
+            [g.last.double(), g.counters.double(), g.reuse_index.reshape(1).double(), g.drift_last.double()]
+        ).cpu().tolist()
+        e, s, gated, skipped, steps, gsteps, sbatches, k, d, ds = packed
+        out = {
             "energy": e,
             "statistic": s,
             "gated": gated,
@@ -508,6 +568,10 @@ class GatedOptimizer(torch.optim.Optimizer):
             "stopped_batches": int(sbatches),
             "reuse_index": int(k),
         }
+        if self.config.drift is not None:
+            out["drift"] = d
+            out["drift_statistic"] = ds
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -575,6 +639,13 @@ def _unscale(energy: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Ten
     if grad_scale is None:
         return energy
     return energy / grad_scale.to(device=energy.device, dtype=torch.float32).square()
+
+
+def _first_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            return p.device
+    return torch.device("cpu")
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
