@@ -372,3 +372,65 @@ def test_dgg_grpo_config_from_cli_and_yaml(tmp_path):
     # the trainer takes the gate from the config
     t = make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=4, dgg_tau=0.7))
     assert t.dgg_config == GateConfig(tau=0.7, max_reuse=K)
+
+
+# ---------------------------------------------------------------- the drift signal (GateConfig.drift)
+
+
+class DriftRecorder(TrainerCallback):
+    """Per optimizer step: k, the gate's metrics, and an independent approx KL of the step's micro-batch."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.rows: list[dict] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        from dgg_fused import drift_stats
+
+        t = self.trainer
+        inputs = t._buffered_inputs[0]  # steps_per_generation == 1: the buffer is this step's micro-batch
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with torch.no_grad():
+            new = t._get_per_token_logps_and_entropies(model, ids, att, inputs["completion_ids"].size(1))[0]
+        ref = drift_stats(new, inputs["old_per_token_logps"], inputs["completion_mask"])
+        self.rows.append({"step": state.global_step, "k": t.gated_optimizer.reuse_index,
+                          "ref_kl": float(ref["approx_kl"])})
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        m = unwrap_gated(optimizer).get_metrics()
+        self.rows[-1].update(drift=m["drift"], gated=m["gated"], skipped=m["skipped"])
+
+
+def test_drift_signal_reaches_the_gate_and_stops_reuse(tmp_path):
+    # a pure KL early stop: the first reuse pass whose approx KL exceeds the threshold is dropped and ends reuse
+    gate = GateConfig(energy=False, drift="approx_kl", drift_threshold=1e-9, max_reuse=K)
+    rec = DriftRecorder()
+    trainer = make_trainer(tmp_path, make_args(tmp_path, max_steps=6, max_grad_norm=1.0), dgg_config=gate,
+                           callbacks=[rec])
+    rec.trainer = trainer
+    trainer.train()
+    rows = rec.rows
+    assert [r["k"] for r in rows] == [1, 2] * 3
+    assert trainer.dgg_generations == [0, 2, 4]
+    assert [r["gated"] for r in rows] == [0.0, 1.0] * 3
+    for r in rows:  # the gate saw the step's KL against the rollout policy TRL kept
+        assert r["drift"] == pytest.approx(r["ref_kl"], rel=1e-4, abs=1e-12), r
+        if r["k"] == 1:
+            assert r["drift"] < 1e-9  # the policy has not moved since generation
+        else:
+            assert r["drift"] > 1e-9
+
+
+def test_drift_settings_from_the_command_line(tmp_path):
+    from trl import TrlParser
+
+    cli = ["--output_dir", str(tmp_path), "--num_iterations", "4", "--dgg_energy", "false", "--dgg_drift",
+           "approx_kl", "--dgg_drift_threshold", "0.01", "--use_cpu", "true", "--report_to", "none"]
+    (args,) = TrlParser((DGGGRPOConfig,)).parse_args_and_config(args=cli)
+    assert args.gate_config() == GateConfig(energy=False, drift="approx_kl", drift_threshold=0.01, max_reuse=4)
+    # a drift-only gate needs no lm_head: a PEFT model with a frozen head is fine
+    t = make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=4, dgg_energy=False,
+                                         dgg_drift="approx_kl"), peft_config=_lora(target_modules=["q_proj"]))
+    t.create_optimizer()
+    assert t.gated_optimizer._lm_head == []

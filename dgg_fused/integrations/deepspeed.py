@@ -95,14 +95,16 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
     """A :class:`~dgg_fused.GatedOptimizer` to hand to ``deepspeed.initialize`` as the client optimizer.
 
     Build it *before* ``deepspeed.initialize`` (from the model's parameters, with the lm_head among them), then
-    call :meth:`attach` with the engine. Same arguments as :class:`~dgg_fused.GatedOptimizer` except
+    call :meth:`attach` with the engine. A drift gate (``GateConfig(drift=...)``) takes its statistics from
+    :meth:`record_drift` before ``engine.step()``, as without DeepSpeed; they must be the same on every rank
+    (reduce them over the data-parallel group first). Same arguments as :class:`~dgg_fused.GatedOptimizer` except
     ``max_grad_norm`` (DeepSpeed clips: set ``"gradient_clipping"`` in its config).
 
     Per-group / per-sub-group client calls inside one engine step share one decision (see the module docstring).
     Outside an attached engine step (not attached, or a direct call) ``step()`` is the plain gated step.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lm_head: Any, config: GateConfig | None = None, *,
+    def __init__(self, optimizer: torch.optim.Optimizer, lm_head: Any = None, config: GateConfig | None = None, *,
                  skip_mode: str = "auto", backend: str = "auto") -> None:
         super().__init__(optimizer, lm_head=lm_head, config=config, skip_mode=skip_mode, backend=backend)
         self._ds_zero: Any = None
@@ -143,7 +145,9 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         self._ds_zero = zero
         return self
 
-    def _ds_energy(self, zero: Any) -> torch.Tensor:
+    def _ds_energy(self, zero: Any) -> torch.Tensor | None:
+        if not self.config.energy:  # a drift-only gate reads no gradient
+            return None
         group = getattr(zero, "dp_process_group", None)
         e = zero_lm_head_energy(self._lm_head, group=group, backend=self.backend)
         scale = float(getattr(zero, "loss_scale", 1.0) or 1.0)  # a Python float in DeepSpeed (no sync)
@@ -155,7 +159,7 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         """One gate decision for the engine step about to run (measured before ZeRO unscales / clips)."""
         energy = self._ds_energy(zero)
         overflow = None
-        if getattr(zero, "check_grad_overflow", False) or getattr(zero, "dynamic_loss_scale", False):
+        if energy is not None and getattr(zero, "check_grad_overflow", False) or getattr(zero, "dynamic_loss_scale", False):
             overflow = (~torch.isfinite(energy)).to(torch.float32)  # ZeRO drops this step itself
         inner = self.optimizer
         groups = inner.param_groups
@@ -164,7 +168,8 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         if overflow is not None:
             self.found_inf = overflow  # the GradScaler protocol: an external skip the gate ignores
         try:
-            _record_external_energy(self, energy)
+            if energy is not None:
+                self.record_energy(energy=energy)
             super().step()
         finally:
             inner.param_groups = groups
@@ -198,13 +203,6 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
             if saved is not None:
                 inner.found_inf = saved
         return None
-
-
-def _record_external_energy(opt: GatedOptimizer, energy: torch.Tensor) -> None:
-    try:
-        opt.record_energy(energy=energy)  # the core's API for an externally measured, global, unscaled energy
-    except TypeError:  # TEMPORARY until main's record_energy(energy=) is merged
-        opt._pending_energy = energy
 
 
 DeepSpeedGatedOptimizer.step.hooked = True  # type: ignore[attr-defined]  # as GatedOptimizer.step

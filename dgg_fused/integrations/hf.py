@@ -97,23 +97,39 @@ def window_fill(optimizer: Any) -> float:
     if "window_filled" in m:  # the core's own metric, where it has one
         return float(m["window_filled"]) / gated.config.window
     # CORE HOOK WANTED: a public "window_filled" metric. Until the core has one, read the gate state's fill counts
-    # (row 0: energies, row 1: increments; "both" needs both rows full).
-    filled = gated._gate.filled.tolist()
-    rows = {"energy": filled[:1], "increment": filled[1:2]}.get(gated.config.statistic, filled)
-    return min(rows) / gated.config.window
+    # (energy rows: 0 energies, 1 increments, "both" needs both; the drift z-score rule has its own window).
+    cfg = gated.config
+    fills = []
+    if cfg.energy:
+        filled = gated._gate.filled.tolist()
+        fills.append(min({"energy": filled[:1], "increment": filled[1:2]}.get(cfg.statistic, filled)))
+    if cfg.drift is not None and cfg.drift_rule == "zscore":
+        fills.append(int(gated._gate.drift_filled))
+    if not fills:  # a drift threshold rule needs no window
+        return 1.0
+    return (max(fills) if cfg.drift is not None and cfg.energy and cfg.combine == "any" else min(fills)) / cfg.window
 
 
 def warmup_optimizer_steps(config: Any, steps_per_pass: int, passes: int) -> int:
-    """Optimizer steps before the gate can act: the reference window must hold ``config.window`` observations.
+    """Optimizer steps before the gate can act (0-based index of the first step on which it can trip).
 
-    With ``reference="first_pass"`` only the ``steps_per_pass`` optimizer steps of each batch's first pass enter it,
-    so it fills after ``ceil(window / steps_per_pass)`` rollout batches of ``steps_per_pass * passes`` steps each;
-    with ``"accepted"`` / ``"all"`` every step enters (``window`` steps).
+    A window rule (the energy rule, a drift ``"zscore"`` rule) needs ``config.window`` reference observations: with
+    ``reference="first_pass"`` only the ``steps_per_pass`` optimizer steps of each batch's first pass enter it, so
+    it fills after ``ceil(window / steps_per_pass)`` rollout batches of ``steps_per_pass * passes`` steps each; with
+    ``"accepted"`` / ``"all"`` every step enters. A drift ``"threshold"`` rule can act on the first reuse pass.
+    With both rules, ``combine="any"`` acts as soon as either can, ``"all"`` once both can.
     """
     if config.reference == "first_pass":
         batches = -(-config.window // steps_per_pass)
-        return (batches - 1) * steps_per_pass * passes + steps_per_pass
-    return config.window
+        window_need = (batches - 1) * steps_per_pass * passes + steps_per_pass
+    else:
+        window_need = config.window
+    needs = []
+    if config.energy:
+        needs.append(window_need)
+    if config.drift is not None:
+        needs.append(window_need if config.drift_rule == "zscore" else steps_per_pass)
+    return min(needs) if config.combine == "any" else max(needs)
 
 
 def add_metrics_callback(trainer: Any, prefix: str = "dgg/") -> DGGMetricsCallback:

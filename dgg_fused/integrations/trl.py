@@ -35,6 +35,12 @@ in TRL's loop (trl 1.16 names):
 * **Scheduler on skipped steps: the schedule advances.** A gated step is still an optimizer step of the Trainer:
   ``global_step`` advances, the LR scheduler steps, and ``max_steps`` counts it. The inner optimizer's own step
   counter (Adam's bias correction) does *not* advance on a gated step (the skip is exact).
+* **Drift signal.** With ``GateConfig(drift="approx_kl", ...)`` (``--dgg_drift approx_kl``) the trainer computes
+  :func:`dgg_fused.drift_stats` in ``_compute_loss`` from the per-token log-probabilities of the current policy and
+  those TRL kept from the rollout policy (``old_per_token_logps``, present whenever ``num_iterations > 1``), on the
+  device, token-weighted over the micro-batches of the optimizer step and reduced over ranks (so every rank takes
+  the same decision), and hands them to :meth:`~dgg_fused.GatedOptimizer.record_drift` before the step.
+  ``clip_frac`` uses TRL's ``epsilon``. ``dgg_energy=False`` turns the lm_head rule off (a pure KL early stop).
 * **Metrics.** A :class:`~dgg_fused.integrations.hf.DGGMetricsCallback` is registered first, so ``dgg/*`` gate
   metrics (``dgg/window_fill`` shows the warm-up) land in the trainer's logs. When ``max_steps`` ends before the
   gate's window can fill, a warning says so at the start of training.
@@ -62,7 +68,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("dgg_fused.integrations.trl needs TRL: pip install 'dgg_fused[trl]' (trl>=1.16,<2)") from exc
 
+import torch
+
 from ..config import GateConfig
+from ..drift import drift_stats
 from ..lm_head import TiedLmHeadWarning, is_tied
 from ..optimizer import SKIP_MODES, GatedOptimizer
 from . import unwrap_gated
@@ -98,6 +107,14 @@ class DGGGRPOConfig(GRPOConfig):
     dgg_statistic: str = _gate_field("statistic", "DGG: what the Z-score is taken of: energy, increment or both.")
     dgg_reference: str = _gate_field("reference", "DGG: which steps feed the window: first_pass, accepted, all.")
     dgg_std_floor: float = _gate_field("std_floor", "DGG: relative floor on the window's standard deviation.")
+    dgg_energy: bool = _gate_field("energy", "DGG: watch the lm_head gradient energy (the paper's rule).")
+    dgg_drift: str | None = field(
+        default=None,
+        metadata={"help": "DGG: a policy-drift statistic to watch: approx_kl, clip_frac or ratio_max (default none)."},
+    )
+    dgg_drift_rule: str = _gate_field("drift_rule", "DGG: how the drift statistic trips: threshold or zscore.")
+    dgg_drift_threshold: float = _gate_field("drift_threshold", "DGG: threshold of the drift rule (e.g. target KL).")
+    dgg_combine: str = _gate_field("combine", "DGG: energy and drift rules combined: any (either trips) or all.")
     dgg_skip_mode: str = field(
         default="auto", metadata={"help": f"DGG: how a step is dropped, one of {SKIP_MODES}."}
     )
@@ -209,10 +226,17 @@ class DGGGRPOTrainer(GRPOTrainer):
         self.dgg_config = cfg
         self._dgg_skip_mode = skip_mode
         self._dgg_lm_head: list | None = None
-        if user_gated is None:
+        if user_gated is None and cfg.energy:
             # Resolved now, on the model as TRL left it (PEFT-wrapped when peft_config= was given), so that a frozen
             # head fails here and not at train().
-            self._dgg_lm_head = resolve_lm_head(self.model, lm_head)
+            try:
+                self._dgg_lm_head = resolve_lm_head(self.model, lm_head)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{exc} Or gate on policy drift alone, which needs no lm_head: "
+                    "GateConfig(energy=False, drift='approx_kl', drift_threshold=...) (--dgg_energy false "
+                    "--dgg_drift approx_kl)."
+                ) from None
             if warn_tied and lm_head is None and _tied(self.model):
                 warnings.warn(
                     "the model's lm_head weight is tied to its input embedding: the gate sees the energy of the "
@@ -222,9 +246,14 @@ class DGGGRPOTrainer(GRPOTrainer):
                     TiedLmHeadWarning,
                     stacklevel=2,
                 )
-        elif lm_head is not None:
+        elif user_gated is not None and lm_head is not None:
             raise ValueError("lm_head= is ignored when a GatedOptimizer is passed through optimizers= (it has its own)")
+        elif lm_head is not None:
+            raise ValueError("lm_head= is not used: this gate watches no lm_head energy (GateConfig.energy=False)")
         self._dgg_gen_step = 0  # value of self._step when the current buffer was generated
+        self._dgg_capture = False
+        self._dgg_logps: torch.Tensor | None = None
+        self._dgg_drift_acc: list[torch.Tensor] | None = None  # [kl_sum, clip_sum, tokens, ratio_max] of this step
         self.dgg_generations: list[int] = []  # global_step at each (re)generation, for inspection
         self.add_callback(_WarmupCheck(self))
         if log_gate_metrics:
@@ -246,8 +275,8 @@ class DGGGRPOTrainer(GRPOTrainer):
 
     def _clip_grad_norm(self, model: Any) -> Any:
         gated = self.gated_optimizer
-        if gated is not None:
-            gated.record_energy(grad_scale=self._dgg_grad_scale())
+        if gated is not None and gated.config.energy and not self.is_deepspeed_enabled:
+            gated.record_energy(grad_scale=self._dgg_grad_scale())  # (DeepSpeed: measured in the engine step)
         return super()._clip_grad_norm(model)
 
     def _dgg_grad_scale(self) -> Any:
@@ -257,6 +286,61 @@ class DGGGRPOTrainer(GRPOTrainer):
             return None
         # accelerate unscales inside clip_grad_norm_, i.e. after this point: the gradients are still scaled.
         return scaler._scale  # the device tensor; get_scale() would sync
+
+    # ------------------------------------------------------------------ drift signal
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._dgg_capture:
+            self._dgg_logps = out[0]
+        return out
+
+    def _compute_loss(self, model: Any, inputs: Any) -> Any:
+        gated = self.gated_optimizer
+        if gated is None or gated.config.drift is None or not self.model.training:
+            return super()._compute_loss(model, inputs)
+        self._dgg_capture, self._dgg_logps = True, None
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._dgg_capture = False
+        self._dgg_accumulate_drift(inputs)
+        if self.accelerator.sync_gradients:  # the last micro-batch of this optimizer step (before backward: under
+            self._dgg_record_drift(gated)  # DeepSpeed the engine steps inside accelerator.backward)
+        return loss
+
+    def _dgg_accumulate_drift(self, inputs: Any) -> None:
+        """Add this micro-batch's drift (against the rollout policy's log-probs TRL kept) to the step's sums."""
+        new = self._dgg_logps
+        if new is None:
+            raise RuntimeError("DGGGRPOTrainer: TRL's _compute_loss did not compute per-token log-probabilities")
+        old = inputs.get("old_per_token_logps")
+        old = new.detach() if old is None else old  # TRL omits them when they equal the current ones
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        st = drift_stats(new, old, mask, clip_eps=float(self.epsilon_low))
+        n = (mask != 0).sum().to(torch.float32)
+        part = [st["approx_kl"] * n, st["clip_frac"] * n, n, st["ratio_max"]]
+        acc = self._dgg_drift_acc
+        if acc is None:
+            self._dgg_drift_acc = part
+        else:
+            self._dgg_drift_acc = [acc[0] + part[0], acc[1] + part[1], acc[2] + part[2], torch.maximum(acc[3], part[3])]
+
+    def _dgg_record_drift(self, gated: GatedOptimizer) -> None:
+        """Token-weighted means over every micro-batch of the optimizer step, on every rank (one SUM and one MAX
+        all-reduce under multi-process training, on the device), handed to the gate before its step."""
+        kl_sum, clip_sum, n, rmax = self._dgg_drift_acc
+        self._dgg_drift_acc = None
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            sums = torch.stack([kl_sum, clip_sum, n])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(rmax, op=dist.ReduceOp.MAX)
+            kl_sum, clip_sum, n = sums.unbind()
+        n = n.clamp(min=1.0)
+        gated.record_drift(approx_kl=kl_sum / n, clip_frac=clip_sum / n, ratio_max=rmax)
 
     # ------------------------------------------------------------------ rollout reuse
     def _dgg_pass(self) -> int:
