@@ -264,3 +264,84 @@ def test_checkpoint_keeps_gate_state(results, stage):
             assert torch.equal(loaded["gate"][name], t), name
         assert bool(loaded["gate"]["stopped"])  # the stopped batch came back
         assert set(res["inner_steps_loaded"]) == {2.0}
+
+
+# ---------------------------------------------------------------- TRL GRPO through accelerate, ZeRO-2, 2 ranks
+
+
+def _trl_worker(rank: int, port: int, outdir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    res: dict = {}
+    try:
+        import warnings
+
+        import deepspeed.ops
+
+        for name in list(deepspeed.ops.__compatible_ops__):
+            if "shm" in name:
+                deepspeed.ops.__compatible_ops__[name] = False
+        import test_trl as T  # the tiny Llama, tokenizer and reward of the TRL tests
+        from transformers import TrainerCallback
+
+        from dgg_fused.integrations import unwrap_gated
+
+        class Rows(TrainerCallback):
+            def __init__(self):
+                self.rows = []
+
+            def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+                self.rows.append(unwrap_gated(optimizer).get_metrics())
+
+        ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
+              "zero_allow_untested_optimizer": True}
+        # energy rule (never trips: tau huge) OR a KL threshold that every reuse pass exceeds: a trip at each k = 2
+        gate = GateConfig(window=2, tau=1e30, max_reuse=K, drift="approx_kl", drift_threshold=1e-9)
+        rows = Rows()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = T.make_args(outdir, max_steps=6, deepspeed=ds, bf16=True, use_cpu=True)
+            trainer = T.make_trainer(outdir, args, dgg_config=gate, callbacks=[rows])
+            trainer.train()
+        g = trainer.gated_optimizer
+        res = {"type": type(g).__name__, "engine": type(trainer.model_wrapped).__name__, "rows": rows.rows,
+               "generations": trainer.dgg_generations,
+               "inner_steps": sorted(float(s["step"]) for s in g.optimizer.state.values())}
+    except Exception:  # noqa: BLE001 - reported by the test
+        res = {"error": traceback.format_exc()}
+    finally:
+        with open(os.path.join(outdir, f"trl{rank}.pkl"), "wb") as f:
+            pickle.dump(res, f)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_trl_grpo_under_accelerate_zero2_two_ranks():
+    with tempfile.TemporaryDirectory() as d:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        procs = [ctx.Process(target=_trl_worker, args=(r, port, d)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(TIMEOUT_S)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                pytest.fail("TRL + DeepSpeed workers timed out")
+        res = []
+        for r in range(WORLD):
+            with open(os.path.join(d, f"trl{r}.pkl"), "rb") as f:
+                res.append(pickle.load(f))
+    for r, x in enumerate(res):
+        assert "error" not in x, f"rank {r}:\n{x['error']}"
+        assert x["type"] == "DeepSpeedGatedOptimizer" and x["engine"] == "DeepSpeedEngine"
+        assert [m["reuse_index"] for m in x["rows"]] == [1, 2] * 3
+        assert [m["gated"] for m in x["rows"]] == [0.0, 1.0] * 3  # every reuse pass exceeds the KL threshold
+        assert [m["steps"] for m in x["rows"]] == [1, 2, 3, 4, 5, 6]  # once per engine step
+        assert x["generations"] == [0, 2, 4]  # a trip regenerates at the next step
+        assert all(m["energy"] > 0 for m in x["rows"])  # the lm_head energy from the ZeRO partitions
+        assert len(x["inner_steps"]) >= 1 and set(x["inner_steps"]) == {3.0}  # 6 engine steps, 3 dropped exactly
+    assert res[0]["rows"] == res[1]["rows"]  # same energies, drift and decisions on both ranks

@@ -267,11 +267,29 @@ class DGGGRPOTrainer(GRPOTrainer):
 
     def create_optimizer(self, model: Any = None) -> Any:
         super().create_optimizer(model)
-        if unwrap_gated(self.optimizer) is None:
-            self.optimizer = GatedOptimizer(
+        gated = unwrap_gated(self.optimizer)
+        if gated is None:
+            cls = GatedOptimizer
+            if self.is_deepspeed_enabled:  # ZeRO: the client optimizer of the engine (attached in _prepare_inputs)
+                from .deepspeed import DeepSpeedGatedOptimizer as cls  # noqa: N813
+            self.optimizer = cls(
                 self.optimizer, lm_head=self._dgg_lm_head, config=self.dgg_config, skip_mode=self._dgg_skip_mode
             )
+        elif self.is_deepspeed_enabled:
+            from .deepspeed import DeepSpeedGatedOptimizer
+
+            if not isinstance(gated, DeepSpeedGatedOptimizer):
+                raise ValueError(
+                    "under DeepSpeed pass a dgg_fused.integrations.deepspeed.DeepSpeedGatedOptimizer through "
+                    "optimizers= (a plain GatedOptimizer cannot see ZeRO-partitioned gradients)"
+                )
         return self.optimizer
+
+    def _dgg_attach_deepspeed(self, gated: GatedOptimizer) -> None:
+        """Under DeepSpeed: hook the gate into the engine accelerate built (once, at the first training step)."""
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None:
+            gated.attach(wrapped.engine)
 
     def _clip_grad_norm(self, model: Any) -> Any:
         gated = self.gated_optimizer
@@ -359,6 +377,8 @@ class DGGGRPOTrainer(GRPOTrainer):
             self._dgg_gen_step = self._step
             self.dgg_generations.append(self.state.global_step)
         if gated is not None:
+            if self.is_deepspeed_enabled:
+                self._dgg_attach_deepspeed(gated)
             gated.set_reuse_index(self._dgg_pass())
         # TRL's _prepare_inputs regenerates when `_step % (spg * K) == 0 or _buffered_inputs is None` and returns
         # `_buffered_inputs[_step % spg]`: hand it the micro-step offset within the current buffer instead.
