@@ -3,7 +3,10 @@ nothing optional, so ``import dgg_fused`` never needs TRL, transformers or accel
 
 * :mod:`dgg_fused.integrations.hf`  -- Hugging Face ``Trainer`` / accelerate: unwrap the gated optimizer, a metrics
   callback, a plain metrics dict for any logger.
-* :mod:`dgg_fused.integrations.trl` -- TRL ``GRPOTrainer`` with rollout reuse (``num_iterations`` = K) under DGG.
+* :mod:`dgg_fused.integrations.trl` -- TRL ``GRPOTrainer`` with rollout reuse (``num_iterations`` = K) under DGG, and
+  ``DGGGRPOConfig`` (the gate's settings from the command line / YAML).
+* :mod:`dgg_fused.integrations.deepspeed` -- DeepSpeed ZeRO-1/2/3: the gate as the engine's client optimizer.
+* :mod:`dgg_fused.integrations.verl` -- verl's FSDP2 engine and training worker, loaded as a verl plugin.
 """
 
 from __future__ import annotations
