@@ -67,7 +67,18 @@ def _worker_cfg(path: str, dgg: dict | None, ckpt: bool = False):
     )
 
 
-def _data(rank: int, world: int, epochs: int):
+def _rollout_log_probs(path: str) -> torch.Tensor:
+    """The log-probabilities of the responses under the initial model (what the rollout policy would report)."""
+    from transformers import LlamaForCausalLM
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32, (B, T), generator=g)
+    with torch.no_grad():
+        logits = LlamaForCausalLM.from_pretrained(path).float()(ids).logits[:, T - R - 1 : T - 1]
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, T - R :, None])[..., 0]
+
+
+def _data(rank: int, world: int, epochs: int, old: torch.Tensor | None = None):
     from verl import DataProto
     from verl.utils import tensordict_utils as tu
     from verl.utils.model import compute_position_id_with_mask
@@ -80,6 +91,8 @@ def _data(rank: int, world: int, epochs: int):
             "position_ids": compute_position_id_with_mask(mask), "responses": ids[:, T - R :],
             "response_mask": mask[:, T - R :], "old_log_probs": -torch.rand(B, R, generator=g) - 2.0,
             "advantages": torch.randn(B, R, generator=g), "ref_log_prob": -torch.rand(B, R, generator=g) - 2.0}
+    if old is not None:
+        full["old_log_probs"] = old
     n = B // world  # this rank's share of the rollout batch
     data = DataProto.from_single_dict({k: v[rank * n : (rank + 1) * n] for k, v in full.items()},
                                       meta_info={"temperature": 1.0})
@@ -149,6 +162,22 @@ def _scenario(rank: int, world: int, path: str, ckpt_dir: str) -> dict:
     out["plain_optimizer_is_gated"] = isinstance(wp.engine.optimizer, GatedOptimizer)
     wp.train_mini_batch(_data(rank, world, K))
     out["plain_calls"] = len(ks_plain)
+    # 5) a drift gate (approx KL against the rollout policy's log-probs, no energy rule): trips on pass 2
+    drift_gate = {"energy": False, "drift": "approx_kl", "drift_threshold": 1e-6, "max_reuse": K}
+    ks_drift: list = []
+    wd = _build(path, drift_gate, ks_drift)
+    seen: list = []
+    record = wd.gated_optimizer.record_drift
+
+    def spy(**stats):  # test instrumentation: what the gate is handed (a sync per step is fine here)
+        seen.append(float(stats["approx_kl"]))
+        record(**stats)
+
+    wd.gated_optimizer.record_drift = spy
+    wd.train_mini_batch(_data(rank, world, K, old=_rollout_log_probs(path)))
+    out["drift_seen"] = seen
+    out["drift_ks"] = ks_drift
+    out["drift_gate"] = wd.gated_optimizer.get_metrics()
     return out
 
 
@@ -245,3 +274,16 @@ def test_gate_state_in_verl_checkpoint(ranks):
         assert loaded["reuse_index"] == saved["reuse_index"] == 2 and loaded["config"] == saved["config"]
         for name, t in saved["gate"].items():
             assert torch.equal(loaded["gate"][name], t), name
+
+
+def test_drift_signal_reaches_the_gate(ranks):
+    world = len(ranks)
+    micro_per_mb = (MINI // world) // 2
+    for x in ranks:
+        seen = x["drift_seen"]
+        assert len(seen) == 3  # two steps of pass 1, the tripped first step of pass 2
+        assert seen[0] < 1e-6  # nothing has moved yet: verl's log-probs equal the rollout policy's
+        assert seen[1] > 1e-6 and seen[2] > 1e-6
+        assert x["drift_ks"] == [1] * (2 * micro_per_mb) + [2] * micro_per_mb  # the early exit after the trip
+        assert x["drift_gate"]["gated_steps"] == 1 and x["drift_gate"]["drift"] == pytest.approx(seen[2])
+    assert all(x["drift_seen"] == ranks[0]["drift_seen"] for x in ranks)  # reduced over ranks: one decision

@@ -32,6 +32,10 @@ What it does in verl's update loop (verl 0.9.1 names):
   decision, so every rank skips the same mini-batches.
 * **Metrics.** ``dgg/*`` (the gate's counters and last values, plus ``dgg/skipped_mini_batches`` and
   ``dgg/passes_run`` of this update) are added to the update's metrics, which verl logs with its own.
+* **Drift signal.** With ``dgg: {drift: approx_kl, drift_threshold: 0.02}`` (optionally ``energy: false``) the
+  worker's loss is wrapped: every micro-batch's :func:`dgg_fused.drift_stats` of the current log-probabilities
+  against ``old_log_probs`` over ``response_mask`` is summed (token-weighted) over the mini-batch, reduced over the
+  data-parallel group, and handed to the gate before the optimizer step.
 * **Checkpoints.** verl's FSDP checkpoint manager saves ``optimizer.state_dict()`` per rank: the gate's state
   rides along under ``"dgg"`` and comes back with ``load_checkpoint``.
 
@@ -53,7 +57,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("dgg_fused.integrations.verl needs verl (tested with verl 0.9.1, FSDP2 engine)") from exc
 
+import torch
+
 from ..config import GateConfig
+from ..drift import drift_stats
 from ..lm_head import find_lm_head
 from ..optimizer import GatedOptimizer
 from . import gate_metrics, unwrap_gated
@@ -99,13 +106,46 @@ class DGGFSDPEngine(FSDPEngineWithLMHead):
         """The :class:`~dgg_fused.GatedOptimizer` of this engine, or None (DGG not configured)."""
         return unwrap_gated(getattr(self, "optimizer", None))
 
+    _dgg_drift_acc: list | None = None  # [kl_sum, clip_sum, tokens, ratio_max] of this mini-batch's micro-batches
+
     def optimizer_step(self) -> Any:
         gated = self.gated_optimizer
         if gated is not None and gated.config.energy:
             scaler = getattr(self, "scaler", None)
             scale = scaler._scale if scaler is not None and scaler.is_enabled() else None  # device tensor, no sync
             gated.record_energy(grad_scale=scale)  # before verl unscales and clips
+        if gated is not None and gated.config.drift is not None:
+            self._dgg_record_drift(gated)
         return super().optimizer_step()
+
+    def _dgg_add_drift(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add one micro-batch's drift (current vs rollout log-probs) to this optimizer step's sums."""
+        st = drift_stats(log_probs, old_log_probs, mask)
+        n = (mask != 0).sum().to(torch.float32)
+        part = [st["approx_kl"] * n, st["clip_frac"] * n, n, st["ratio_max"]]
+        acc = self._dgg_drift_acc
+        self._dgg_drift_acc = part if acc is None else [
+            acc[0] + part[0], acc[1] + part[1], acc[2] + part[2], torch.maximum(acc[3], part[3])
+        ]
+
+    def _dgg_record_drift(self, gated: GatedOptimizer) -> None:
+        """Token-weighted means over the mini-batch on every data-parallel rank (one SUM and one MAX all-reduce)."""
+        import torch.distributed as dist
+
+        acc, self._dgg_drift_acc = self._dgg_drift_acc, None
+        if acc is None:
+            raise RuntimeError(
+                "DGG: the gate watches a drift statistic but the loss saw no old_log_probs in this mini-batch"
+            )
+        kl_sum, clip_sum, n, rmax = acc
+        group = self.get_data_parallel_group()
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            sums = torch.stack([kl_sum, clip_sum, n])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(rmax, op=dist.ReduceOp.MAX, group=group)
+            kl_sum, clip_sum, n = sums.unbind()
+        n = n.clamp(min=1.0)
+        gated.record_drift(approx_kl=kl_sum / n, clip_frac=clip_sum / n, ratio_max=rmax)
 
 
 class DGGTrainingWorker(TrainingWorker):
@@ -117,6 +157,11 @@ class DGGTrainingWorker(TrainingWorker):
     @property
     def gated_optimizer(self) -> GatedOptimizer | None:
         return unwrap_gated(getattr(self.engine, "optimizer", None))
+
+    def set_loss_fn(self, loss_fn: Any) -> None:
+        """verl's ``set_loss_fn``, with the loss wrapped so that a drift gate gets its statistics (see
+        :class:`_DriftProbe`)."""
+        return super().set_loss_fn(_DriftProbe(self, loss_fn))
 
     def train_mini_batch(self, data: Any) -> Any:
         gated = self.gated_optimizer
@@ -166,6 +211,32 @@ class DGGTrainingWorker(TrainingWorker):
         return super().train_batch(data)
 
 
+class _DriftProbe:
+    """The worker's loss function, plus: when the gate watches a drift statistic (``GateConfig.drift``), each
+    micro-batch's drift of the current log-probabilities from ``old_log_probs`` (the rollout policy's, which verl's
+    PPO loss reads too) over ``response_mask`` is added to the engine's sums for the next optimizer step."""
+
+    def __init__(self, worker: "DGGTrainingWorker", fn: Any) -> None:
+        self.worker, self.fn = worker, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        gated = self.worker.gated_optimizer
+        model_output, data = kwargs.get("model_output"), kwargs.get("data")
+        if gated is None or gated.config.drift is None or model_output is None or data is None:
+            return out
+        if not torch.is_grad_enabled():  # a forward-only pass (log-prob computation): no optimizer step follows
+            return out
+        if "old_log_probs" not in data.keys() or "log_probs" not in model_output:
+            return out
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        log_probs = no_padding_2_padding(model_output["log_probs"], data)
+        padded = data.select("response_mask", "old_log_probs").to_padded_tensor()
+        self.worker.engine._dgg_add_drift(log_probs.detach(), padded["old_log_probs"], padded["response_mask"])
+        return out
+
+
 def _keep_dispatch(cls: type, base: type, names: tuple[str, ...]) -> None:
     # verl finds a worker's remote methods by the attribute its @register decorator sets; an override must carry it
     from verl.single_controller.base.decorator import MAGIC_ATTR
@@ -176,7 +247,7 @@ def _keep_dispatch(cls: type, base: type, names: tuple[str, ...]) -> None:
             setattr(getattr(cls, name), MAGIC_ATTR, attrs)
 
 
-_keep_dispatch(DGGTrainingWorker, TrainingWorker, ("train_mini_batch", "train_batch"))
+_keep_dispatch(DGGTrainingWorker, TrainingWorker, ("train_mini_batch", "train_batch", "set_loss_fn"))
 
 
 def register() -> None:
