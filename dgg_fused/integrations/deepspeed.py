@@ -54,6 +54,18 @@ from ..ops import grad_sumsq
 __all__ = ["DeepSpeedGatedOptimizer", "zero_lm_head_energy"]
 
 
+def _params_of(lm_head: Any) -> list[torch.Tensor]:
+    if lm_head is None:
+        return []
+    if isinstance(lm_head, torch.nn.Module):
+        ps = list(lm_head.parameters())
+    elif isinstance(lm_head, torch.Tensor):
+        ps = [lm_head]
+    else:
+        ps = list(lm_head)
+    return list({id(p): p for p in ps}.values())
+
+
 def _local_fragments(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's pieces of the gradients of ``params`` between ``engine.backward`` and the ZeRO step."""
     out: list[torch.Tensor] = []
@@ -107,6 +119,7 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, lm_head: Any = None, config: GateConfig | None = None, *,
                  skip_mode: str = "auto", backend: str = "auto") -> None:
         super().__init__(optimizer, lm_head=lm_head, config=config, skip_mode=skip_mode, backend=backend)
+        self._ds_lm_head = _params_of(lm_head)  # the original (ZeRO-managed) Parameters; their .grad stays None
         self._ds_zero: Any = None
         self._ds_skip: torch.Tensor | None = None  # the decision of the engine step in progress
         self._ds_run_inner = True  # host path: whether the client calls of this engine step run
@@ -149,7 +162,7 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         if not self.config.energy:  # a drift-only gate reads no gradient
             return None
         group = getattr(zero, "dp_process_group", None)
-        e = zero_lm_head_energy(self._lm_head, group=group, backend=self.backend)
+        e = zero_lm_head_energy(self._ds_lm_head, group=group, backend=self.backend)
         scale = float(getattr(zero, "loss_scale", 1.0) or 1.0)  # a Python float in DeepSpeed (no sync)
         if scale != 1.0:
             e = e / (scale * scale)

@@ -215,6 +215,14 @@ class DGGGRPOTrainer(GRPOTrainer):
                 "never warms up. Use steps_per_generation = m * gradient_accumulation_steps (m >= 1; the default "
                 "is m = 1)"
             )
+        if user_gated is not None and self.is_deepspeed_enabled:
+            from .deepspeed import DeepSpeedGatedOptimizer
+
+            if not isinstance(user_gated, DeepSpeedGatedOptimizer):
+                raise ValueError(
+                    "under DeepSpeed pass a dgg_fused.integrations.deepspeed.DeepSpeedGatedOptimizer through "
+                    "optimizers= (a plain GatedOptimizer cannot see ZeRO-partitioned gradients)"
+                )
         if skip_mode is None:
             skip_mode = targs.dgg_skip_mode if from_args else "auto"
         if skip_mode not in SKIP_MODES:
@@ -275,14 +283,6 @@ class DGGGRPOTrainer(GRPOTrainer):
             self.optimizer = cls(
                 self.optimizer, lm_head=self._dgg_lm_head, config=self.dgg_config, skip_mode=self._dgg_skip_mode
             )
-        elif self.is_deepspeed_enabled:
-            from .deepspeed import DeepSpeedGatedOptimizer
-
-            if not isinstance(gated, DeepSpeedGatedOptimizer):
-                raise ValueError(
-                    "under DeepSpeed pass a dgg_fused.integrations.deepspeed.DeepSpeedGatedOptimizer through "
-                    "optimizers= (a plain GatedOptimizer cannot see ZeRO-partitioned gradients)"
-                )
         return self.optimizer
 
     def _dgg_attach_deepspeed(self, gated: GatedOptimizer) -> None:
