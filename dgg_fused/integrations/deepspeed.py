@@ -128,8 +128,8 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
     def attach(self, engine: Any) -> "DeepSpeedGatedOptimizer":
         """Hook the gate into ``engine``'s ZeRO optimizer (the one ``deepspeed.initialize`` built around us).
 
-        Raises ``ValueError`` when the engine does not use this object as its client optimizer, or is not a ZeRO
-        engine (stages 1-3).
+        Raises ``ValueError`` when the engine does not use this object as its client optimizer, is not a ZeRO
+        engine (stages 1-3), or writes elastic checkpoints (which would drop the gate's state).
         """
         zero = getattr(engine, "optimizer", engine)
         if getattr(zero, "optimizer", None) is not self:
@@ -140,6 +140,11 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
         if stage is not None and stage not in (1, 2, 3):
             raise ValueError(f"the DeepSpeed mode needs ZeRO stage 1, 2 or 3, the engine runs stage {stage}")
+        if getattr(zero, "elastic_checkpoint", False):
+            raise ValueError(
+                "zero_optimization.elastic_checkpoint=true saves the client optimizer's state per parameter group and "
+                "drops the rest of its state_dict, i.e. the gate's state; set it to false"
+            )
         if self._ds_zero is zero:
             return self
         if self._ds_zero is not None:
