@@ -287,3 +287,28 @@ def test_drift_signal_reaches_the_gate(ranks):
         assert x["drift_ks"] == [1] * (2 * micro_per_mb) + [2] * micro_per_mb  # the early exit after the trip
         assert x["drift_gate"]["gated_steps"] == 1 and x["drift_gate"]["drift"] == pytest.approx(seen[2])
     assert all(x["drift_seen"] == ranks[0]["drift_seen"] for x in ranks)  # reduced over ranks: one decision
+
+
+def test_loaded_by_verls_plugin_mechanism():
+    """VERL_USE_EXTERNAL_MODULES=dgg_fused.integrations.verl: `import verl` registers the engine and the worker."""
+    import subprocess
+    import sys
+
+    code = (
+        "import verl\n"
+        "from verl.workers.engine import EngineRegistry\n"
+        "from verl.workers.engine_workers import ActorRolloutRefWorker\n"
+        "engines = EngineRegistry._engines['language_model']\n"  # before this script imports dgg_fused itself
+        "names = {c.__module__ + '.' + c.__name__ for b in ('fsdp', 'fsdp2') for c in engines[b].values()}\n"
+        "assert names == {'dgg_fused.integrations.verl.DGGFSDPEngine'}, names\n"
+        "w = ActorRolloutRefWorker.actor_worker_cls\n"
+        "assert w.__module__ + '.' + w.__name__ == 'dgg_fused.integrations.verl.DGGTrainingWorker', w\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env.pop("VERL_USE_EXTERNAL_MODULES", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode != 0 and "AssertionError" in r.stderr  # without the plugin: verl's own classes
+    env["VERL_USE_EXTERNAL_MODULES"] = "dgg_fused.integrations.verl"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
