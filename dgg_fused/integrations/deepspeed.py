@@ -177,7 +177,8 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         """One gate decision for the engine step about to run (measured before ZeRO unscales / clips)."""
         energy = self._ds_energy(zero)
         overflow = None
-        if energy is not None and getattr(zero, "check_grad_overflow", False) or getattr(zero, "dynamic_loss_scale", False):
+        fp16_checks = getattr(zero, "check_grad_overflow", False) or getattr(zero, "dynamic_loss_scale", False)
+        if energy is not None and fp16_checks:
             overflow = (~torch.isfinite(energy)).to(torch.float32)  # ZeRO drops this step itself
         inner = self.optimizer
         groups = inner.param_groups
