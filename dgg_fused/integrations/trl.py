@@ -71,10 +71,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 import torch
 
 from ..config import GateConfig
-from ..drift import drift_stats
 from ..lm_head import TiedLmHeadWarning, is_tied
 from ..optimizer import SKIP_MODES, GatedOptimizer
-from . import unwrap_gated
+from . import DriftAccumulator, unwrap_gated
 from .hf import DGGMetricsCallback, add_metrics_callback, resolve_lm_head, warmup_optimizer_steps
 
 __all__ = ["DGGGRPOTrainer", "DGGGRPOConfig", "DGGMetricsCallback", "SUPPORTED_TRL"]
@@ -261,7 +260,7 @@ class DGGGRPOTrainer(GRPOTrainer):
         self._dgg_gen_step = 0  # value of self._step when the current buffer was generated
         self._dgg_capture = False
         self._dgg_logps: torch.Tensor | None = None
-        self._dgg_drift_acc: list[torch.Tensor] | None = None  # [kl_sum, clip_sum, tokens, ratio_max] of this step
+        self._dgg_drift = DriftAccumulator()  # the drift statistics of the current optimizer step
         self.dgg_generations: list[int] = []  # global_step at each (re)generation, for inspection
         self.add_callback(_WarmupCheck(self))
         if log_gate_metrics:
@@ -336,29 +335,12 @@ class DGGGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
-        st = drift_stats(new, old, mask, clip_eps=float(self.epsilon_low))
-        n = (mask != 0).sum().to(torch.float32)
-        part = [st["approx_kl"] * n, st["clip_frac"] * n, n, st["ratio_max"]]
-        acc = self._dgg_drift_acc
-        if acc is None:
-            self._dgg_drift_acc = part
-        else:
-            self._dgg_drift_acc = [acc[0] + part[0], acc[1] + part[1], acc[2] + part[2], torch.maximum(acc[3], part[3])]
+        self._dgg_drift.add(new, old, mask, clip_eps=float(self.epsilon_low))
 
     def _dgg_record_drift(self, gated: GatedOptimizer) -> None:
-        """Token-weighted means over every micro-batch of the optimizer step, on every rank (one SUM and one MAX
+        """Token-weighted means over every micro-batch of the optimizer step and every rank (one SUM and one MAX
         all-reduce under multi-process training, on the device), handed to the gate before its step."""
-        kl_sum, clip_sum, n, rmax = self._dgg_drift_acc
-        self._dgg_drift_acc = None
-        if self.accelerator.num_processes > 1:
-            import torch.distributed as dist
-
-            sums = torch.stack([kl_sum, clip_sum, n])
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-            dist.all_reduce(rmax, op=dist.ReduceOp.MAX)
-            kl_sum, clip_sum, n = sums.unbind()
-        n = n.clamp(min=1.0)
-        gated.record_drift(approx_kl=kl_sum / n, clip_frac=clip_sum / n, ratio_max=rmax)
+        self._dgg_drift.record(gated)
 
     # ------------------------------------------------------------------ rollout reuse
     def _dgg_pass(self) -> int:

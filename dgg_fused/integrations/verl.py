@@ -60,10 +60,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 import torch
 
 from ..config import GateConfig
-from ..drift import drift_stats
 from ..lm_head import find_lm_head
 from ..optimizer import GatedOptimizer
-from . import gate_metrics, unwrap_gated
+from . import DriftAccumulator, gate_metrics, unwrap_gated
 
 __all__ = ["DGGFSDPEngine", "DGGTrainingWorker", "register", "SUPPORTED_VERL"]
 
@@ -89,6 +88,9 @@ def gate_config_from(optimizer_config: Any) -> GateConfig | None:
 class DGGFSDPEngine(FSDPEngineWithLMHead):
     """verl's FSDP/FSDP2 language-model engine with a :class:`~dgg_fused.GatedOptimizer` when configured."""
 
+    #: the drift statistics of the current mini-batch (filled by the worker's loss wrapper, used by optimizer_step)
+    dgg_drift: DriftAccumulator | None = None
+
     def _build_optimizer(self, module: Any) -> Any:
         cfg = gate_config_from(self.optimizer_config)
         if cfg is None:
@@ -106,8 +108,6 @@ class DGGFSDPEngine(FSDPEngineWithLMHead):
         """The :class:`~dgg_fused.GatedOptimizer` of this engine, or None (DGG not configured)."""
         return unwrap_gated(getattr(self, "optimizer", None))
 
-    _dgg_drift_acc: list | None = None  # [kl_sum, clip_sum, tokens, ratio_max] of this mini-batch's micro-batches
-
     def optimizer_step(self) -> Any:
         gated = self.gated_optimizer
         if gated is not None and gated.config.energy:
@@ -115,37 +115,12 @@ class DGGFSDPEngine(FSDPEngineWithLMHead):
             scale = scaler._scale if scaler is not None and scaler.is_enabled() else None  # device tensor, no sync
             gated.record_energy(grad_scale=scale)  # before verl unscales and clips
         if gated is not None and gated.config.drift is not None:
-            self._dgg_record_drift(gated)
+            if self.dgg_drift is None or self.dgg_drift._acc is None:
+                raise RuntimeError(
+                    "DGG: the gate watches a drift statistic but no micro-batch of this mini-batch had old_log_probs"
+                )
+            self.dgg_drift.record(gated, group=self.get_data_parallel_group())
         return super().optimizer_step()
-
-    def _dgg_add_drift(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add one micro-batch's drift (current vs rollout log-probs) to this optimizer step's sums."""
-        st = drift_stats(log_probs, old_log_probs, mask)
-        n = (mask != 0).sum().to(torch.float32)
-        part = [st["approx_kl"] * n, st["clip_frac"] * n, n, st["ratio_max"]]
-        acc = self._dgg_drift_acc
-        self._dgg_drift_acc = part if acc is None else [
-            acc[0] + part[0], acc[1] + part[1], acc[2] + part[2], torch.maximum(acc[3], part[3])
-        ]
-
-    def _dgg_record_drift(self, gated: GatedOptimizer) -> None:
-        """Token-weighted means over the mini-batch on every data-parallel rank (one SUM and one MAX all-reduce)."""
-        import torch.distributed as dist
-
-        acc, self._dgg_drift_acc = self._dgg_drift_acc, None
-        if acc is None:
-            raise RuntimeError(
-                "DGG: the gate watches a drift statistic but the loss saw no old_log_probs in this mini-batch"
-            )
-        kl_sum, clip_sum, n, rmax = acc
-        group = self.get_data_parallel_group()
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            sums = torch.stack([kl_sum, clip_sum, n])
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-            dist.all_reduce(rmax, op=dist.ReduceOp.MAX, group=group)
-            kl_sum, clip_sum, n = sums.unbind()
-        n = n.clamp(min=1.0)
-        gated.record_drift(approx_kl=kl_sum / n, clip_frac=clip_sum / n, ratio_max=rmax)
 
 
 class DGGTrainingWorker(TrainingWorker):
@@ -233,7 +208,10 @@ class _DriftProbe:
 
         log_probs = no_padding_2_padding(model_output["log_probs"], data)
         padded = data.select("response_mask", "old_log_probs").to_padded_tensor()
-        self.worker.engine._dgg_add_drift(log_probs.detach(), padded["old_log_probs"], padded["response_mask"])
+        engine = self.worker.engine
+        if engine.dgg_drift is None:
+            engine.dgg_drift = DriftAccumulator()
+        engine.dgg_drift.add(log_probs.detach(), padded["old_log_probs"], padded["response_mask"])
         return out
 
 
