@@ -47,7 +47,7 @@ def test_triton_kernels_compile_for_sm90():
     check the properties the design relies on: 16-byte vector loads when aligned, IEEE division/sqrt in the gate."""
     import re
 
-    from dgg_fused.ops import triton_epilogue as te
+    from dgg_fused.gate import _triton as te
     from dgg_fused.ops import triton_sumsq as ts
 
     sig = {"table_ptr": "*i64", "n_tensors": "i32", "span": "i64", "partials_ptr": "*fp32", "BLOCK": "constexpr",

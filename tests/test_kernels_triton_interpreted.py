@@ -15,11 +15,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch
 
 from dgg_fused.ops import available_backends, grad_sumsq, grad_sumsq_reference
-from test_epilogue import CONFIGS, run_and_compare, sequence
+from gate_harness import CONFIGS, run_and_compare, sequence
 
 
 def _ref(ts):
-    return sum((t.double().square().sum() for t in ts), torch.zeros((), dtype=torch.float64))
+    return grad_sumsq_reference(ts, out_dtype=torch.float64)
 
 
 def test_triton_is_available_on_cpu_when_interpreted():
@@ -96,4 +96,46 @@ def test_grad_sumsq_partials_add_up_to_the_energy():
 
 def test_opcheck_triton_backend():
     for ts in ([torch.randn(33)], [torch.randn(4, 5).bfloat16(), torch.randn(0)]):
-        torch.library.opcheck(torch.ops.dgg_fused.grad_sumsq.default, (ts, "triton"))
+        torch.library.opcheck(torch.ops.dgg_fused.sumsq_triton.default, (ts,))
+
+
+def test_optimizer_with_triton_backend_takes_the_partials_path():
+    """backend="triton": the energy is handed to the gate as stage-1 partials, the Triton epilogue adds them (the
+    CUDA fast path, here interpreted); decisions and energies equal the reference backend's, also with a scale."""
+    from dgg_fused import GateConfig, GatedOptimizer
+    from dgg_fused.energy import EnergyMeter
+
+    def run(backend, scaled=False):
+        torch.manual_seed(0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0) if scaled else None
+        model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11))
+        opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), lm_head=model[1],
+                             config=GateConfig(window=2, tau=2.0), backend=backend)
+        out = []
+        for b in range(4):
+            for k in opt.passes(2):
+                ids = torch.arange(11) % (b + 3)
+                loss = torch.nn.functional.cross_entropy(model(ids), ids) * (40.0 if (b, k) == (3, 2) else 1.0)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # the scale reaches the Triton epilogue, which divides by it in the same launch
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+                m = opt.get_metrics()
+                out.append((m["energy"], m["skipped"]))
+        return opt, out
+
+    opt, tri = run("triton")
+    assert opt._gate_impl == "triton"
+    meter = EnergyMeter([torch.nn.Parameter(torch.ones(300))], backend="triton")
+    meter.params[0].grad = torch.ones(300)
+    assert meter.measure().value.dim() == 1  # partials
+    _, ref = run("torch")
+    _, tri_scaled = run("triton", scaled=True)
+    for got in (tri, tri_scaled):
+        assert [s for _, s in got] == [s for _, s in ref] and any(s for _, s in got)
+        for (a, _), (b, _) in zip(got, ref):
+            assert abs(a - b) <= 1e-5 * abs(b)
