@@ -229,8 +229,8 @@ def test_energy_matches_plain_torch_and_ranks_agree(results, stage):
     ranks = _ok(results, stage)
     for i, (a, b) in enumerate(zip(ranks[0]["rows"], ranks[1]["rows"])):
         assert a["energy"] == b["energy"], (stage, i)  # one all-reduced value: bit-identical on both ranks
-        if not a["skipped"]:  # measured before clipping; bf16 forward/backward vs float32
-            assert a["energy"] == pytest.approx(a["ref"], rel=5e-2), (stage, i, a["energy"], a["ref"])
+        if not a["skipped"]:  # measured before clipping; bf16 forward/backward vs float32 (seen: <= 2.3e-3)
+            assert a["energy"] == pytest.approx(a["ref"], rel=1e-2), (stage, i, a["energy"], a["ref"])
     assert ranks[0]["rows"][SPIKE_STEP]["energy"] > 1e4 * ranks[0]["rows"][0]["energy"]  # pre-clip (clip is 1.0)
     if stage == 2:  # the no-piece rank took part in the all-reduce
         assert [r["owns_lm_head_piece"] for r in ranks] == [False, True]

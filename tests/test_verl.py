@@ -38,7 +38,8 @@ def _make_model(path: str) -> None:
     vocab = {"[PAD]": 0, "[EOS]": 1, "[UNK]": 2, **{f"w{i}": i + 3 for i in range(29)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    fast.save_pretrained(path)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
@@ -142,7 +143,8 @@ def _scenario(rank: int, world: int, path: str, ckpt_dir: str) -> dict:
     res = w.train_mini_batch(_data(rank, world, K))
     gated = w.gated_optimizer
     out["ks"] = ks
-    out["metrics"] = {k: v for k, v in tu.get(res, "metrics").items() if k.startswith("dgg/")} if res is not None else None
+    metrics = tu.get(res, "metrics") if res is not None else None
+    out["metrics"] = {k: v for k, v in metrics.items() if k.startswith("dgg/")} if metrics is not None else None
     out["gate"] = gated.get_metrics()
     out["inner_steps"] = sorted({float(s["step"]) for s in gated.optimizer.state.values()})
     out["params"] = _params(w)

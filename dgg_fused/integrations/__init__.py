@@ -69,7 +69,9 @@ class DriftAccumulator:
         n = (mask != 0).sum().to(torch.float32)
         part = [st["approx_kl"] * n, st["clip_frac"] * n, n, st["ratio_max"]]
         a = self._acc
-        self._acc = part if a is None else [a[0] + part[0], a[1] + part[1], a[2] + part[2], torch.maximum(a[3], part[3])]
+        if a is not None:
+            part = [a[0] + part[0], a[1] + part[1], a[2] + part[2], torch.maximum(a[3], part[3])]
+        self._acc = part
 
     def record(self, optimizer: Any, group: Any = None) -> None:
         """Reduce over ``group`` (when ``torch.distributed`` runs with more than one rank in it), hand the step's

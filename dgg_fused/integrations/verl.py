@@ -161,7 +161,8 @@ class DGGTrainingWorker(TrainingWorker):
             loop, self._dgg_loop = self._dgg_loop, None
         if output is not None:
             metrics = tu.get(output, "metrics")
-            extra = {**gate_metrics(gated), "dgg/skipped_mini_batches": loop["skipped"], "dgg/passes_run": loop["passes"]}
+            extra = gate_metrics(gated)
+            extra.update({"dgg/skipped_mini_batches": loop["skipped"], "dgg/passes_run": loop["passes"]})
             metrics.update({key: [value] for key, value in extra.items()})  # verl's metrics are lists it reduces
         return output
 
