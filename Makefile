@@ -7,18 +7,36 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 is the CUDA build (runs on CPU too) and brings triton, which the Triton tests run interpreted.
 TORCH_SPEC ?= torch==2.14.1
 
-.PHONY: venv test demo bench clean
+# verl 0.9.1 pins transformers < 5.11 (the TRL tests need 5.24): it gets its own venv, with a CPU torch 2.13
+# (the +cpu local build is picked where a wheel directory provides it). verl also imports uvicorn/fastapi without
+# declaring them. The compiled extension of the main venv (torch 2.14) is not loaded there.
+VERL_VENV ?= .venv-verl
+VERL_PY := $(VERL_VENV)/bin/python
+VERL_TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test test-verl demo bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,trl]"
+	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev,trl,deepspeed]"
 	touch $@
 
 venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+$(VERL_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install -q "$(VERL_TORCH_SPEC)" setuptools wheel
+	$(VERL_PY) -m pip install -q "verl==0.9.1" uvicorn fastapi "pytest>=8"
+	DGG_FUSED_SKIP_EXT=1 $(VERL_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# the verl integration's tests (CPU, gloo, 1 and 2 ranks); the main suite skips tests/test_verl.py without verl
+test-verl: $(VERL_VENV)/.installed
+	DGG_FUSED_DISABLE_EXT=1 $(VERL_PY) -m pytest -q -p no:cacheprovider tests/test_verl.py
 
 demo: venv
 	$(PY) -m dgg_fused.demo
@@ -27,4 +45,4 @@ bench: venv
 	$(PY) -m pytest benchmarks/ --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VERL_VENV) build *.egg-info
