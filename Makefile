@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 
 venv: $(VENV)/.installed
 
+# the main suite, then the verl integration's tests in their own venv (verl pins another transformers)
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(MAKE) test-verl
 
 $(VERL_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VERL_VENV)
