@@ -691,13 +691,18 @@ class GatedOptimizer(torch.optim.Optimizer):
         (1.0 if this step tripped the gate), ``skipped`` (1.0 if this step was dropped: tripped, or on a stopped
         batch), ``steps``, ``gated_steps`` (dropped steps), ``stopped_batches`` (trips), ``reuse_index``, ``drift``
         and ``drift_statistic`` (with ``config.drift`` set only: the watched drift statistic's value, and what its
-        rule compared — the value itself, or its Z-score).
+        rule compared — the value itself, or its Z-score), ``window_filled`` (reference observations the rule's
+        window holds; the gate can trip only once it reaches ``config.window`` — the warm-up made visible).
         """
-        return self._gate.metrics(drift=self.config.drift is not None)
+        out = self._gate.metrics(drift=self.config.drift is not None)
+        out["window_filled"] = self._gate.window_filled(self.config)
+        return out
 
     def get_metrics(self) -> dict[str, float | int]:
         """:attr:`metrics` as Python numbers for a logger. This is the one call that syncs: do it when logging."""
-        return self._gate.metrics_host(drift=self.config.drift is not None)
+        return self._gate.metrics_host(
+            drift=self.config.drift is not None, window_filled=self._gate.window_filled(self.config)
+        )
 
     # ------------------------------------------------------------------ checkpoints (format: dgg_fused.checkpoint)
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -522,3 +522,25 @@ def test_step_hooks_run_once_per_step_and_torch_never_wraps_the_step_again():
     finally:
         h.remove()
     assert calls == ["pre", "AdamW"], calls
+
+
+# ---------------------------------------------------------------- the warm-up made visible
+@pytest.mark.parametrize("config,expect", [
+    (GateConfig(window=3), [1, 1, 2, 3, 3]),  # first-pass energies only: k=2 steps don't count
+    (GateConfig(window=3, statistic="both"), [0, 0, 1, 2, 2]),  # the increment row starts one step later
+    (GateConfig(window=3, energy=False, drift="approx_kl"), [3, 3, 3, 3, 3]),  # a threshold needs no window
+    (GateConfig(window=3, energy=False, drift="approx_kl", drift_rule="zscore"), [1, 1, 2, 3, 3]),
+])
+def test_window_filled_metric_counts_the_rules_window(config, expect):
+    model = make_model()
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head, config=config)
+    got = []
+    for k in (1, 2, 1, 1, 2):
+        opt.set_reuse_index(k)
+        loss_fn(model, batch(len(got))).backward()
+        opt.record_drift(approx_kl=torch.tensor(0.01 * (1 + len(got))))
+        opt.step()
+        opt.zero_grad()
+        assert opt.metrics["window_filled"].item() == opt.get_metrics()["window_filled"]
+        got.append(opt.get_metrics()["window_filled"])
+    assert got == expect

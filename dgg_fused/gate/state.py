@@ -88,6 +88,24 @@ class GateState:
         if k == 1:
             self.stopped.fill_(False)
 
+    def window_filled(self, config: Any) -> torch.Tensor:
+        """0-d int64: how many reference observations the window(s) ``config``'s rule needs hold (it can trip only
+        at ``config.window``). The energy rule's row(s) (``"both"``: the emptier row), the drift Z-score's window;
+        with both rules on, the fuller one for ``combine="any"`` (either can act), the emptier for ``"all"``; a drift
+        threshold rule alone needs no window (always full)."""
+        fills = []
+        if config.energy:
+            stat = config.statistic
+            fills.append(self.filled[0] if stat == "energy" else self.filled[1] if stat == "increment" else self.filled.min())
+        if config.drift is not None and config.drift_rule == "zscore":
+            fills.append(self.drift_filled)
+        if not fills:
+            return torch.full((), self.window_size, dtype=torch.int64, device=self.device)
+        if len(fills) == 1:
+            return fills[0].reshape(())
+        pick = torch.maximum if config.combine == "any" else torch.minimum
+        return pick(fills[0], fills[1]).reshape(())
+
     def metrics(self, drift: bool = False) -> dict[str, torch.Tensor]:
         """The gate's metrics as 0-d device tensors (views of live state); ``drift=True`` adds ``drift`` and
         ``drift_statistic``."""
@@ -106,12 +124,15 @@ class GateState:
             out["drift_statistic"] = self.drift_last[1]
         return out
 
-    def metrics_host(self, drift: bool = False) -> dict[str, float | int]:
-        """:meth:`metrics` as Python numbers: one device-to-host copy (a sync)."""
+    def metrics_host(self, drift: bool = False, window_filled: torch.Tensor | None = None) -> dict[str, float | int]:
+        """:meth:`metrics` as Python numbers: one device-to-host copy (a sync). ``window_filled`` (0-d, from
+        :meth:`window_filled`) is packed into the same copy and returned under that key."""
+        wf = (window_filled if window_filled is not None else torch.zeros((), device=self.device)).reshape(1)
         packed = torch.cat(
-            [self.last.double(), self.counters.double(), self.reuse_index.reshape(1).double(), self.drift_last.double()]
+            [self.last.double(), self.counters.double(), self.reuse_index.reshape(1).double(), self.drift_last.double(),
+             wf.double()]
         )
-        e, s, gated, skipped, steps, gsteps, sbatches, k, d, ds = packed.cpu().tolist()
+        e, s, gated, skipped, steps, gsteps, sbatches, k, d, ds, wfill = packed.cpu().tolist()
         out = {
             "energy": e,
             "statistic": s,
@@ -125,6 +146,8 @@ class GateState:
         if drift:
             out["drift"] = d
             out["drift_statistic"] = ds
+        if window_filled is not None:
+            out["window_filled"] = int(wfill)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

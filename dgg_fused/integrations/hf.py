@@ -93,21 +93,7 @@ def window_fill(optimizer: Any) -> float:
     gated = unwrap_gated(optimizer)
     if gated is None:
         raise TypeError(f"window_fill expects a GatedOptimizer (or a wrapper of one), got {type(optimizer).__name__}")
-    m = gated.get_metrics()
-    if "window_filled" in m:  # the core's own metric, where it has one
-        return float(m["window_filled"]) / gated.config.window
-    # CORE HOOK WANTED: a public "window_filled" metric. Until the core has one, read the gate state's fill counts
-    # (energy rows: 0 energies, 1 increments, "both" needs both; the drift z-score rule has its own window).
-    cfg = gated.config
-    fills = []
-    if cfg.energy:
-        filled = gated._gate.filled.tolist()
-        fills.append(min({"energy": filled[:1], "increment": filled[1:2]}.get(cfg.statistic, filled)))
-    if cfg.drift is not None and cfg.drift_rule == "zscore":
-        fills.append(int(gated._gate.drift_filled))
-    if not fills:  # a drift threshold rule needs no window
-        return 1.0
-    return (max(fills) if cfg.drift is not None and cfg.energy and cfg.combine == "any" else min(fills)) / cfg.window
+    return float(gated.get_metrics()["window_filled"]) / gated.config.window
 
 
 def warmup_optimizer_steps(config: Any, steps_per_pass: int, passes: int) -> int:
