@@ -402,6 +402,11 @@ class GatedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update({"fold_clip": False, **state})  # pickles from before fold_clip existed
 
+    @property
+    def lm_head_params(self) -> tuple[torch.Tensor, ...]:
+        """The lm_head parameters whose gradient energy the gate watches (empty for a drift-only gate)."""
+        return tuple(self._lm_head)
+
     # ------------------------------------------------------------------ reuse bookkeeping
     @property
     def reuse_index(self) -> int:

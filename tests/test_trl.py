@@ -302,7 +302,7 @@ def test_peft_modules_to_save_watches_the_trainable_copy(tmp_path):
     copy = wrapper.modules_to_save["default"].weight
     assert copy.requires_grad and not wrapper.original_module.weight.requires_grad
     gated = trainer.gated_optimizer
-    assert [id(p) for p in gated._lm_head] == [id(copy)]
+    assert [id(p) for p in gated.lm_head_params] == [id(copy)]
     assert gated.get_metrics()["steps"] == 2 and gated.get_metrics()["energy"] > 0
 
 
@@ -313,7 +313,7 @@ def test_peft_lm_head_by_name_after_wrapping(tmp_path):
     trainer = make_trainer(tmp_path, args, peft_config=cfg)
     trainer.create_optimizer()
     copy = trainer.model.base_model.model.lm_head.modules_to_save["default"].weight
-    assert [id(p) for p in trainer.gated_optimizer._lm_head] == [id(copy)]
+    assert [id(p) for p in trainer.gated_optimizer.lm_head_params] == [id(copy)]
     with pytest.raises(ValueError, match=r"no such submodule"):
         make_trainer(tmp_path, peft_config=cfg, lm_head="not_a_module")
 
@@ -433,4 +433,4 @@ def test_drift_settings_from_the_command_line(tmp_path):
     t = make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=4, dgg_energy=False,
                                          dgg_drift="approx_kl"), peft_config=_lora(target_modules=["q_proj"]))
     t.create_optimizer()
-    assert t.gated_optimizer._lm_head == []
+    assert t.gated_optimizer.lm_head_params == ()
