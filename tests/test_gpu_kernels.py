@@ -188,3 +188,51 @@ def test_two_launches_per_gated_step():
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     ours = [k for k in kernels if "sgd" not in k.lower()]
     assert sorted(ours) == ["_gate_epilogue_kernel", "_sumsq_partials_kernel"], kernels
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="Triton not available")
+def test_triton_grid_is_one_wave_and_does_not_change_the_bits():
+    from dgg_fused.ops import triton_sumsq as ts
+
+    x = (torch.randn(SHAPES["qwen0.5b"], device="cuda") * 1e-3).bfloat16()
+    ref = ts.sumsq([x])  # first launch: the kernel's registers become known
+    slots = ts._SLOTS[(x.device.index, True)]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    assert slots % sms == 0 and slots // sms >= 4, (slots, sms)
+    for programs in (1, 7, slots - 1, slots, None):
+        assert torch.equal(ts.sumsq([x], programs=programs), ref), programs
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="Triton not available")
+def test_triton_tables_no_copies_with_reallocated_grads():
+    """zero_grad(set_to_none=True) every step: after the first steps no host-to-device copy per step, and a CUDA
+    graph captured after a warm-up keeps no pinned memory."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    model, opt = _cuda_model_and_opt(None)
+    opt.set_reuse_index(1)
+    for b in range(4):
+        loss_fn(model, _cuda_batch(b)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    grads = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for b in range(3):
+            loss_fn(model, _cuda_batch(b)).backward()
+            grads.append([p.grad.data_ptr() for p in model.parameters()])
+            ts.sumsq([model.lm_head.weight.grad])
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    h2d = [e for e in prof.events() if "memcpy" in e.name.lower() and "htod" in e.name.lower().replace(" ", "")]
+    assert not h2d, [e.name for e in h2d]
+    x = torch.randn(100_000, device="cuda")
+    ts.sumsq([x])  # warm-up outside the capture: tables built
+    n_pinned = len(ts._PINNED_FOR_GRAPHS)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ts.sumsq([x])
+    g.replay()
+    torch.cuda.synchronize()
+    assert len(ts._PINNED_FOR_GRAPHS) == n_pinned
+    assert torch.equal(out, ts.sumsq([x]))
