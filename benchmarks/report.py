@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
     python benchmarks/report.py bench.json            # prints markdown; --out FILE writes it
+    python benchmarks/report.py energy.json step.json # several runs (e.g. one per suite) as one report
 
 ``--save-compact FILE`` also writes the fields the report needs (small, for docs/). Without an argument it reads the newest JSON under ``.benchmarks/`` (pytest-benchmark's ``--benchmark-autosave``).
 The same table is printed at the end of every ``pytest benchmarks/ --benchmark-only`` run (benchmarks/conftest.py).
@@ -330,6 +331,21 @@ def compact(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several pytest-benchmark runs as one: all benchmarks, the first run's machine info and time, the load
+    average at the start of the first and at the end of the last run."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    out["benchmarks"] = [b for r in runs for b in r.get("benchmarks", [])]
+    mi = dict(out.get("machine_info", {}))
+    d = dict(mi.get("dgg_fused", {}))
+    d["loadavg_end"] = runs[-1].get("machine_info", {}).get("dgg_fused", {}).get("loadavg_end")
+    mi["dgg_fused"] = d
+    out["machine_info"] = mi
+    return out
+
+
 def _newest_json() -> Path:
     files = sorted(Path(".benchmarks").rglob("*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
@@ -340,13 +356,14 @@ def _newest_json() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("json", nargs="?", type=Path, help="pytest-benchmark JSON (default: newest under .benchmarks/)")
+    ap.add_argument("json", nargs="*", type=Path,
+                    help="pytest-benchmark JSON file(s) (default: newest under .benchmarks/); several are merged")
     ap.add_argument("--out", type=Path, help="write the markdown here instead of stdout")
     ap.add_argument("--save-compact", type=Path, metavar="FILE",
                     help="also write the fields the report uses to FILE (e.g. docs/benchmarks-cpu.json)")
     args = ap.parse_args(argv)
-    path = args.json or _newest_json()
-    data = json.loads(path.read_text())
+    paths = args.json or [_newest_json()]
+    data = merge([json.loads(p.read_text()) for p in paths])
     text = render(data)
     if args.save_compact:
         args.save_compact.write_text(json.dumps(compact(data), sort_keys=True, separators=(",", ":")) + "\n")
