@@ -310,23 +310,16 @@ def sumsq_partials(tensors: Sequence[torch.Tensor], *, programs: int | None = No
     ``programs`` overrides the grid (default: the GPU's resident slots; one program per tile under the
     interpreter). The result does not depend on it: it only changes which program sums which tile."""
     device = tensors[0].device
-    keep, numels, codes, addrs = [], [], [], []
-    aligned = True
-    for t in tensors:
-        n = t.numel()
-        if n == 0:
-            continue
-        if not _is_dense(t):
-            t = t.contiguous()
-        a = t.data_ptr()
-        keep.append(t)
-        numels.append(n)
-        codes.append(_CODES[t.dtype])
-        addrs.append(a)
-        aligned = aligned and a % 16 == 0
+    keep = [t for t in tensors if t.numel() > 0]
+    if not all([t.is_contiguous() for t in keep]):
+        keep = [t if _is_dense(t) else t.contiguous() for t in keep]
     if not keep:
         return torch.zeros(1, dtype=torch.float32, device=device)
-    layout, addr_table = _tables(numels, codes, tuple(addrs), device)
+    numels = [t.numel() for t in keep]
+    codes = [_CODES[t.dtype] for t in keep]
+    addrs = tuple([t.data_ptr() for t in keep])
+    aligned = not any([a & 15 for a in addrs])
+    layout, addr_table = _tables(numels, codes, addrs, device)
     partials = torch.empty(layout.tiles, dtype=torch.float32, device=device)
     grid = _grid(layout.tiles, device, aligned, programs)
     kernel = _sumsq_partials_kernel[(grid,)](
