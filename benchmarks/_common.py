@@ -13,6 +13,10 @@ Benchmarks are not tests: nothing here asserts a timing. Knobs (environment vari
 * ``DGG_BENCH_ROUNDS``: timed rounds of each optimizer-step benchmark, and the least A/B pairs of its paired ratio
   (15); ``DGG_BENCH_PAIR_BUDGET_S`` (10): seconds the step pairs may take beyond that (up to 200 pairs).
 * ``DGG_BENCH_ENERGY_PAIR_BUDGET_S``: seconds of paired roofline comparison per energy method (3; 3 to 60 pairs).
+* ``DGG_BENCH_CLOCK``: ``wall`` (default) or ``process``: the clock of the paired ratios. ``process`` is the CPU time
+  of this process (``time.process_time``): time slices taken by other processes on a shared box do not count, so
+  the ratios stay usable under load; CPU only, and meant for one pinned thread (with several threads, a thread
+  waiting for a preempted sibling may spin and count). pytest-benchmark's own timer: ``--benchmark-timer``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ def bench_device() -> torch.device:
 
 DEVICE = bench_device()
 IS_CUDA = DEVICE.type == "cuda"
+CLOCK = os.environ.get("DGG_BENCH_CLOCK", "wall").strip().lower() or "wall"
+if CLOCK not in ("wall", "process"):
+    raise ValueError(f"DGG_BENCH_CLOCK must be 'wall' or 'process', got {CLOCK!r}")
+if CLOCK == "process" and IS_CUDA:
+    raise ValueError("DGG_BENCH_CLOCK=process measures CPU time: meaningless for GPU work")
 NO_CUDA_REASON = "no CUDA device in this process (the GPU parts of the suite need one)"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -256,15 +265,16 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
     """
     import time
 
+    now = time.process_time if CLOCK == "process" else time.perf_counter
     ta, tb = [], []
     for i in range(pairs):
         order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
         for f, acc in order:
             setup()
-            t0 = time.perf_counter()
+            t0 = now()
             f()
             sync()
-            acc.append(time.perf_counter() - t0)
+            acc.append(now() - t0)
     r = sorted(b / a for a, b in zip(ta, tb))
     q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0]] * 3
     return {
@@ -273,6 +283,7 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
         "paired_ratio_q3": q[2],
         "paired_min_ratio": min(tb) / min(ta),
         "paired_pairs": pairs,
+        "paired_clock": CLOCK,
         "paired_a_median_s": statistics.median(ta),
         "paired_b_median_s": statistics.median(tb),
     }
@@ -463,6 +474,7 @@ def common_extra_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "loadavg": loadavg(),
         "smoke": SMOKE,
+        "clock": CLOCK,
         "last_level_cache_bytes": LLC_BYTES,
         "last_level_cache_source": LLC_SOURCE,
         "cache_flush_bytes": flush_bytes(),

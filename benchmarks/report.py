@@ -289,10 +289,15 @@ def targets(energy: list[dict[str, Any]], steps: list[dict[str, Any]]) -> str:
 
 def render(data: dict[str, Any]) -> str:
     rows = data.get("benchmarks", [])
+    clocks = sorted({b.get("extra_info", {}).get("paired_clock") for b in rows} - {None})
     by_suite: dict[str, list] = {}
     for b in rows:
         by_suite.setdefault(b.get("extra_info", {}).get("suite", "?"), []).append(b)
     parts = [machine_line(data)]
+    if "process" in clocks:
+        parts[0] += (" Paired ratios timed with the process CPU clock (`DGG_BENCH_CLOCK=process`: time slices taken by "
+                     "other processes do not count)." if clocks == ["process"] else
+                     f" Paired-ratio clocks in this report: {', '.join(clocks)}.")
     etab, efacts = energy_table(by_suite.get("energy", []))
     if etab:
         parts += ["### Energy op bandwidth", etab]
