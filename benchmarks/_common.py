@@ -29,7 +29,6 @@ import statistics
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -291,61 +290,16 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
 
 # ---------------------------------------------------------------------------------------------------- host syncs
 
-_SYNC_OPS = {
-    aten._local_scalar_dense.default,  # .item(), bool(t), float(t), int(t), `if t:`
-    aten.nonzero.default,
-    aten.equal.default,
-    aten.masked_select.default,
-}
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Counts the ops of a region that make the host wait for a value computed on ``device``.
-
-    ``aten._local_scalar_dense`` (what ``.item()``, ``bool()``, ``float()`` dispatch to), ``nonzero``, ``equal``,
-    ``masked_select``, and blocking device-to-host copies (``.cpu()``, ``.tolist()`` on CUDA). On a CPU run every
-    such op on a CPU tensor is counted: it is the op that would stall the pipeline on a GPU.
-    """
-
-    def __init__(self, device: torch.device = DEVICE) -> None:
-        super().__init__()
-        self.device = torch.device(device)
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def _on_device(self, args, kwargs) -> bool:
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.device.type == self.device.type:
-                return True
-        return False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _SYNC_OPS and self._on_device(args, kwargs):
-            self.counts[str(func.overloadpacket.__name__)] += 1
-        elif self.device.type != "cpu":
-            if func is aten._to_copy.default and isinstance(args[0], torch.Tensor):
-                dst = kwargs.get("device")
-                if args[0].device.type == self.device.type and dst is not None and torch.device(dst).type == "cpu":
-                    if not kwargs.get("non_blocking", False):
-                        self.counts["d2h_copy"] += 1
-            elif func is aten.copy_.default:
-                dst, src = args[0], args[1]
-                nb = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-                if src.device.type == self.device.type and dst.device.type == "cpu" and not nb:
-                    self.counts["d2h_copy"] += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
 def count_host_syncs(step: Callable[[], object], steps: int = 2) -> tuple[float, dict[str, int]]:
-    """Host syncs per call of ``step`` (averaged over ``steps`` calls) and the per-op breakdown."""
-    with HostSyncCounter() as c:
+    """Host syncs per call of ``step`` (averaged over ``steps`` calls) and the per-event breakdown, counted by the
+    detector the test suite uses (:func:`dgg_fused.testing.record_syncs`: sync ops, host copies, printing, syncs
+    inside custom ops, and torch's sync debug mode on CUDA)."""
+    from dgg_fused.testing import record_syncs
+
+    with record_syncs(DEVICE) as rec:
         for _ in range(steps):
             step()
-    return c.total / steps, dict(c.counts)
+    return rec.count / steps, dict(collections.Counter(rec.events))
 
 
 def count_cuda_sync_warnings(step: Callable[[], object], steps: int = 2) -> float | None:

@@ -5,8 +5,9 @@
 //   dgg_fused::_C_gate_epilogue(...) -> ()
 //       the DGG gate update (gate_epilogue.h) on the device-resident gate state, in one call / one kernel.
 //
-// The public op (dgg_fused::grad_sumsq, defined in dgg_fused/ops/__init__.py) calls _C_sumsq for the "cpp" and
-// "cuda" backends. The CUDA implementations are in dgg_fused_cuda.cu (built only by CUDAExtension).
+// Each schema is defined here, once; the CPU kernels are registered below, the CUDA ones in cuda/ops_cuda.cpp (built
+// only by CUDAExtension). dgg_fused/ops calls _C_sumsq for the "cpp" and "cuda" backends, dgg_fused/gate calls
+// _C_gate_epilogue; their fake (meta) implementations are registered in Python when the extension is loaded.
 //
 // CPU reduction (deterministic, independent of the thread count): every tensor is cut into fixed chunks of
 // kChunk elements; a chunk is summed in blocks of kBlock elements with 32 float32 lanes (4 AVX2 FMA accumulators

@@ -1,8 +1,9 @@
 // The DGG gate update as scalar code shared by the CPU op and the CUDA kernel (one thread runs it).
 //
-// It mirrors dgg_fused/gate.py::gate_step_ (the reference) operation by operation, in float32, so the two agree to
-// rounding of the window statistics (the reference sums with torch's reduction order, this sums left to right).
-// Keep the two in step: tests/test_epilogue.py compares them on random and adversarial sequences.
+// It mirrors dgg_fused/gate/reference.py (the reference) operation by operation, in float32 (the window's mean
+// absolute value in float64, so that it cannot overflow), so the two agree to rounding of the window statistics
+// (the reference sums with torch's reduction order, this sums left to right). Keep the two in step:
+// tests/test_gate.py compares them on random and adversarial sequences.
 #pragma once
 
 #include <cmath>
@@ -16,7 +17,7 @@
 
 namespace dgg {
 
-// Must match GateConfig.STATISTICS / REFERENCES order.
+// The codes of dgg_fused.config.Statistic / Reference (tests/test_gate.py parses these two lines and checks them).
 enum Statistic : int64_t { kEnergy = 0, kIncrement = 1, kBoth = 2 };
 enum Reference : int64_t { kFirstPass = 0, kAccepted = 1, kAll = 2 };
 
@@ -43,14 +44,14 @@ struct GateArgs {
 DGG_HD inline float clamp_min_f(float a, float b) { return a < b ? b : a; }  // torch.clamp: NaN stays NaN
 DGG_HD inline bool finite_f(float x) { return x - x == 0.0f; }  // false for NaN and +-inf (no fast-math)
 
-// Z-score of x against the last `filled` entries of row (see gate.py::zscore).
+// Z-score of x against the last `filled` entries of row (see dgg_fused/gate/reference.py::zscore).
 DGG_HD inline float zscore(const float* row, int64_t W, int64_t filled, float x, float std_floor) {
   const float tiny = 1.17549435082228750797e-38f;  // torch.finfo(torch.float32).tiny
   const int64_t first = W - filled;
   const float n = static_cast<float>(filled < 1 ? 1 : filled);
-  float abs_sum = 0.0f;
-  for (int64_t j = first; j < W; ++j) abs_sum += fabsf(row[j]);
-  const float scale = clamp_min_f(abs_sum / n, tiny);
+  double abs_sum = 0.0;  // float64: the sum of W finite float32 values cannot overflow
+  for (int64_t j = first; j < W; ++j) abs_sum += fabs(static_cast<double>(row[j]));
+  const float scale = clamp_min_f(static_cast<float>(abs_sum / static_cast<double>(n)), tiny);
   float v_sum = 0.0f;
   for (int64_t j = first; j < W; ++j) v_sum += row[j] / scale;
   const float mean = v_sum / n;

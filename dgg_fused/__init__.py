@@ -2,9 +2,13 @@
 
     from dgg_fused import GatedOptimizer
     opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head)
+
+Importing it loads neither ``torch._dynamo`` nor triton (tests/test_import.py); the compiled extension and the
+Triton kernels are loaded when a backend first needs them.
 """
 
-from .config import REFERENCES, STATISTICS, GateConfig
+from .config import COMBINES, DRIFT_RULES, DRIFT_STATS, REFERENCES, STATISTICS, GateConfig
+from .drift import drift_stats
 from .lm_head import TiedLmHeadWarning, find_lm_head, is_tied
 from .ops import available_backends, grad_sumsq
 from .optimizer import SKIP_MODES, GatedOptimizer
@@ -16,6 +20,10 @@ __all__ = [
     "GateConfig",
     "STATISTICS",
     "REFERENCES",
+    "DRIFT_STATS",
+    "DRIFT_RULES",
+    "COMBINES",
+    "drift_stats",
     "SKIP_MODES",
     "find_lm_head",
     "is_tied",

@@ -8,10 +8,12 @@ The exact rule these fields parameterise is written down in ``docs/rule.md``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
+from enum import IntEnum
 from typing import Any, Mapping
 
-__all__ = ["GateConfig", "STATISTICS", "REFERENCES"]
+__all__ = ["GateConfig", "STATISTICS", "REFERENCES", "DRIFT_STATS", "DRIFT_RULES", "COMBINES", "Statistic", "Reference"]
 
 #: What the Z-score is taken of. ``"energy"``: the lm_head gradient energy E_t = ||g_t||^2.
 #: ``"increment"``: its step-wise increment E_t - E_{t-1}. ``"both"``: the larger of the two Z-scores.
@@ -21,6 +23,42 @@ STATISTICS = ("energy", "increment", "both")
 #: fixed reference distribution that reuse passes cannot drag down. ``"accepted"``: every step the optimizer
 #: applied (not gated). ``"all"``: every observed step, gated ones included.
 REFERENCES = ("first_pass", "accepted", "all")
+
+#: Policy-drift statistics a caller can hand to the gate (:meth:`GatedOptimizer.record_drift`, computed by
+#: :func:`dgg_fused.drift_stats` from the loss's log-probabilities). ``"approx_kl"``: the k3 estimator
+#: ``E[(r - 1) - log r]`` of KL(rollout policy || current policy), r the importance ratio; ``"clip_frac"``: the
+#: fraction of tokens whose ratio is outside ``[1 - eps, 1 + eps]``; ``"ratio_max"``: ``max |log r|``.
+DRIFT_STATS = ("approx_kl", "clip_frac", "ratio_max")
+
+#: How a drift statistic trips: ``"threshold"``: its value exceeds ``drift_threshold`` (PPO's target-KL early
+#: stop); ``"zscore"``: its Z-score against a window of reference values (``reference``) exceeds ``tau``.
+DRIFT_RULES = ("threshold", "zscore")
+
+#: How the energy rule and the drift rule combine when both are on: ``"any"`` trips when either trips;
+#: ``"all"`` only when both do.
+COMBINES = ("any", "all")
+
+
+class Statistic(IntEnum):
+    """Integer code of each :data:`STATISTICS` name: the one encoding every implementation of the rule shares (the
+    C++ ``dgg::Statistic`` enum in csrc/gate_epilogue.h and the Triton epilogue's constexprs are checked against it
+    by tests/test_gate.py)."""
+
+    ENERGY = 0
+    INCREMENT = 1
+    BOTH = 2
+
+
+class Reference(IntEnum):
+    """Integer code of each :data:`REFERENCES` name (shared like :class:`Statistic`)."""
+
+    FIRST_PASS = 0
+    ACCEPTED = 1
+    ALL = 2
+
+
+assert [s.name.lower() for s in Statistic] == list(STATISTICS)
+assert [r.name.lower() for r in Reference] == list(REFERENCES)
 
 
 @dataclass(frozen=True)
@@ -39,6 +77,13 @@ class GateConfig:
         std_floor: relative floor on the window's standard deviation, as a fraction of the mean absolute
             window value, so that a (near-)constant window does not turn float noise into huge Z-scores.
             Range: 0 <= std_floor < 1.
+        energy: use the paper's rule on the lm_head gradient energy (``statistic``/``reference``/``tau``). With
+            ``energy=False`` the lm_head is not read at all and ``drift`` must be set.
+        drift: a policy-drift statistic to watch (one of ``DRIFT_STATS``), handed in per step with
+            :meth:`GatedOptimizer.record_drift`; None (default) watches none.
+        drift_rule: how ``drift`` trips, one of ``DRIFT_RULES``.
+        drift_threshold: the threshold of ``drift_rule="threshold"`` (e.g. a target KL). Range: finite, > 0.
+        combine: how the energy and drift rules combine when both are on, one of ``COMBINES``.
     """
 
     window: int = 8
@@ -47,15 +92,20 @@ class GateConfig:
     statistic: str = "energy"
     reference: str = "first_pass"
     std_floor: float = 1e-3
+    energy: bool = True
+    drift: str | None = None
+    drift_rule: str = "threshold"
+    drift_threshold: float = 0.02
+    combine: str = "any"
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 2, 65536)
         _check_int("max_reuse", self.max_reuse, 1, 1024)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+        if not is_real(self.tau):
             raise ValueError(f"GateConfig.tau must be a real number > 0, got {self.tau!r}")
         if not math.isfinite(self.tau) or self.tau <= 0:
             raise ValueError(f"GateConfig.tau must be finite and > 0, got {self.tau!r}")
-        if isinstance(self.std_floor, bool) or not isinstance(self.std_floor, (int, float)):
+        if not is_real(self.std_floor):
             raise ValueError(f"GateConfig.std_floor must be a real number in [0, 1), got {self.std_floor!r}")
         if not (0.0 <= self.std_floor < 1.0):
             raise ValueError(f"GateConfig.std_floor must be in [0, 1), got {self.std_floor!r}")
@@ -63,9 +113,41 @@ class GateConfig:
             raise ValueError(f"GateConfig.statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"GateConfig.reference must be one of {REFERENCES}, got {self.reference!r}")
-        # Normalise numeric types so that asdict()/from_dict() round-trips exactly.
+        if not isinstance(self.energy, bool):
+            raise ValueError(f"GateConfig.energy must be a bool, got {self.energy!r}")
+        if self.drift is not None and self.drift not in DRIFT_STATS:
+            raise ValueError(f"GateConfig.drift must be None or one of {DRIFT_STATS}, got {self.drift!r}")
+        if not self.energy and self.drift is None:
+            raise ValueError("GateConfig: energy=False needs a drift statistic (drift=...), else nothing is watched")
+        if self.drift_rule not in DRIFT_RULES:
+            raise ValueError(f"GateConfig.drift_rule must be one of {DRIFT_RULES}, got {self.drift_rule!r}")
+        if not is_real(self.drift_threshold):
+            raise ValueError(f"GateConfig.drift_threshold must be a real number > 0, got {self.drift_threshold!r}")
+        if not math.isfinite(self.drift_threshold) or self.drift_threshold <= 0:
+            raise ValueError(f"GateConfig.drift_threshold must be finite and > 0, got {self.drift_threshold!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"GateConfig.combine must be one of {COMBINES}, got {self.combine!r}")
+        # Normalise numeric types (numpy scalars included) so that asdict()/from_dict() round-trips exactly.
+        object.__setattr__(self, "window", int(self.window))
+        object.__setattr__(self, "max_reuse", int(self.max_reuse))
+        object.__setattr__(self, "drift_threshold", float(self.drift_threshold))
         object.__setattr__(self, "tau", float(self.tau))
         object.__setattr__(self, "std_floor", float(self.std_floor))
+
+    @property
+    def uses_drift(self) -> bool:
+        """The gate watches a drift statistic (then the rule runs in its reference implementation)."""
+        return self.drift is not None or not self.energy
+
+    @property
+    def statistic_code(self) -> Statistic:
+        """:attr:`statistic` as its shared integer code."""
+        return Statistic[self.statistic.upper()]
+
+    @property
+    def reference_code(self) -> Reference:
+        """:attr:`reference` as its shared integer code."""
+        return Reference[self.reference.upper()]
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-serialisable), the form stored in checkpoints."""
@@ -74,15 +156,25 @@ class GateConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GateConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)}  # fields added later take their defaults in older checkpoints
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"GateConfig.from_dict: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**dict(d))
 
 
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool: what every integer argument of the library accepts."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def is_real(value: Any) -> bool:
+    """A real number (Python or numpy int/float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ValueError(f"GateConfig.{name} must be an int in [{lo}, {hi}], got {value!r}")
     if not (lo <= value <= hi):
         raise ValueError(f"GateConfig.{name} must be in [{lo}, {hi}], got {value}")

@@ -78,7 +78,7 @@ def test_triton_kernels_compile_for_sm90():
     registers (hence one-wave grid and bytes in flight per SM) of stage 1, IEEE division/sqrt in the gate."""
     import re
 
-    from dgg_fused.ops import triton_epilogue as te
+    from dgg_fused.gate import _triton as te
     from dgg_fused.ops import triton_sumsq as ts
 
     sig = {"addr_ptr": "*i64", "layout_ptr": "*i64", "n_tensors": "i32", "n_tiles": "i32", "span": "i64",

@@ -15,11 +15,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch
 
 from dgg_fused.ops import available_backends, grad_sumsq, grad_sumsq_reference
-from test_epilogue import CONFIGS, run_and_compare, sequence
+from gate_harness import CONFIGS, run_and_compare, sequence
 
 
 def _ref(ts):
-    return sum((t.double().square().sum() for t in ts), torch.zeros((), dtype=torch.float64))
+    return grad_sumsq_reference(ts, out_dtype=torch.float64)
 
 
 def test_triton_is_available_on_cpu_when_interpreted():
@@ -96,7 +96,7 @@ def test_grad_sumsq_partials_add_up_to_the_energy():
 
 def test_opcheck_triton_backend():
     for ts in ([torch.randn(33)], [torch.randn(4, 5).bfloat16(), torch.randn(0)]):
-        torch.library.opcheck(torch.ops.dgg_fused.grad_sumsq.default, (ts, "triton"))
+        torch.library.opcheck(torch.ops.dgg_fused.sumsq_triton.default, (ts,))
 
 
 def _multi_tile_inputs():

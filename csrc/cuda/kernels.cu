@@ -116,10 +116,16 @@ constexpr int64_t kSerialWindow = 128;
 
 __global__ void gate_epilogue_kernel(GateArgs a) { gate_update(a); }
 
+template <typename T>
+struct Pair {
+  T x, y;
+};
+
 // Sum of (x, y) over the block in a fixed order (shuffle trees), returned to every thread.
-__device__ float2 block_sum2_all(float2 v) {
-  __shared__ float2 warp_sums[32];
-  __shared__ float2 total;
+template <typename T>
+__device__ Pair<T> block_sum2_all(Pair<T> v) {
+  __shared__ Pair<T> warp_sums[32];
+  __shared__ Pair<T> total;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     v.x += __shfl_down_sync(0xffffffffu, v.x, off);
@@ -130,7 +136,7 @@ __device__ float2 block_sum2_all(float2 v) {
   __syncthreads();
   if (warp == 0) {
     const int n_warps = (blockDim.x + 31) >> 5;
-    v = lane < n_warps ? warp_sums[lane] : make_float2(0.0f, 0.0f);
+    v = lane < n_warps ? warp_sums[lane] : Pair<T>{T(0), T(0)};
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
       v.x += __shfl_down_sync(0xffffffffu, v.x, off);
@@ -139,7 +145,7 @@ __device__ float2 block_sum2_all(float2 v) {
     if (lane == 0) total = v;
   }
   __syncthreads();
-  const float2 out = total;
+  const Pair<T> out = total;
   __syncthreads();  // warp_sums / total are reused by the next call
   return out;
 }
@@ -151,21 +157,22 @@ __device__ void zscores_block(const float* row_e, const float* row_i, int64_t W,
   const int64_t first_e = W - filled_e, first_i = W - filled_i;
   const float n_e = static_cast<float>(filled_e < 1 ? 1 : filled_e);
   const float n_i = static_cast<float>(filled_i < 1 ? 1 : filled_i);
-  float2 s = make_float2(0.0f, 0.0f);
+  Pair<double> a{0.0, 0.0};  // float64, as zscore(): the sum of W finite float32 values cannot overflow
   for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
-    if (j >= first_e) s.x += fabsf(row_e[j]);
-    if (j >= first_i) s.y += fabsf(row_i[j]);
+    if (j >= first_e) a.x += fabs(static_cast<double>(row_e[j]));
+    if (j >= first_i) a.y += fabs(static_cast<double>(row_i[j]));
   }
-  s = block_sum2_all(s);
-  const float scale_e = clamp_min_f(s.x / n_e, tiny), scale_i = clamp_min_f(s.y / n_i, tiny);
-  s = make_float2(0.0f, 0.0f);
+  a = block_sum2_all(a);
+  const float scale_e = clamp_min_f(static_cast<float>(a.x / static_cast<double>(n_e)), tiny);
+  const float scale_i = clamp_min_f(static_cast<float>(a.y / static_cast<double>(n_i)), tiny);
+  Pair<float> s{0.0f, 0.0f};
   for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
     if (j >= first_e) s.x += row_e[j] / scale_e;
     if (j >= first_i) s.y += row_i[j] / scale_i;
   }
   s = block_sum2_all(s);
   const float mean_e = s.x / n_e, mean_i = s.y / n_i;
-  s = make_float2(0.0f, 0.0f);
+  s = Pair<float>{0.0f, 0.0f};
   for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
     if (j >= first_e) {
       const float d = row_e[j] / scale_e - mean_e;
