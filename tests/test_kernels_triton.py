@@ -107,3 +107,29 @@ def test_triton_kernels_compile_for_sm90():
         ptx = _compile_sm90(te._gate_epilogue_kernel, sig, {"STAT": stat, "REF": ref, "HAS_SCALE": True, "HAS_EXT": True,
                                                             "PB": 1024, "WP": wp, "TINY": te._TINY}, warps)
         assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx and ".approx" not in ptx
+
+
+def test_grid_from_the_compiled_kernel(monkeypatch):
+    """The host logic that sizes the CUDA grid, without a GPU: a compiled kernel's registers / shared memory / warps
+    and the device's SM count give one wave of resident programs; before the first launch, 4 per SM."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dgg_fused.ops import triton_sumsq as ts
+
+    props = SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                            max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(ts, "_SLOTS", {})
+    dev = torch.device("cuda", 0)
+    assert ts._grid(13306, dev, True, None) == 4 * 132  # registers not known yet
+    kernel = SimpleNamespace(_init_handles=lambda: None, n_regs=34,
+                             metadata=SimpleNamespace(shared=1024, num_warps=8))
+    ts._learn_slots(kernel, dev, True)
+    assert ts._SLOTS[(0, True)] == 6 * 132
+    assert ts._grid(13306, dev, True, None) == 792 and ts._grid(100, dev, True, None) == 100
+    assert ts._grid(13306, dev, True, 7) == 7 and ts._grid(5, dev, True, 7) == 5
+    assert ts._grid(13306, dev, False, None) == 4 * 132  # the unaligned variant is another compiled kernel
+    ts._learn_slots(SimpleNamespace(), torch.device("cuda", 1), True)  # an unexpected kernel object: 4 per SM
+    assert ts._SLOTS[(1, True)] == 4 * 132
