@@ -104,6 +104,8 @@ DGG_AVX2 float block_sumsq_avx2(const T* p, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    if constexpr (cpu::kPrefetchBytes<T> > 0)
+      _mm_prefetch(reinterpret_cast<const char*>(p + i) + cpu::kPrefetchBytes<T>, _MM_HINT_T0);
     const __m256 x0 = load8(p + i), x1 = load8(p + i + 8), x2 = load8(p + i + 16), x3 = load8(p + i + 24);
     a0 = _mm256_fmadd_ps(x0, x0, a0);
     a1 = _mm256_fmadd_ps(x1, x1, a1);
@@ -122,6 +124,7 @@ DGG_AVX2 float block_sumsq_avx2<c10::BFloat16>(const c10::BFloat16* p, int64_t n
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + i) + cpu::kPrefetchBytes<c10::BFloat16>, _MM_HINT_T0);
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 16));
     const __m256 x0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
