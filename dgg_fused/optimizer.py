@@ -16,6 +16,7 @@ Design (docs/design.md has the long form):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Iterable, Iterator
 
@@ -94,6 +95,53 @@ def _lm_head_params(lm_head: Any) -> list[torch.Tensor]:
     return uniq
 
 
+class _HostStopFlag:
+    """A host copy of the gate's 0-d ``stopped`` flag, refreshed after each step without making the host wait.
+
+    On CUDA: a non-blocking copy into pinned memory plus an event, polled with ``query()`` (never blocks unless
+    asked); inside a CUDA-graph capture the copy is captured and lands at each replay, with no event. On CPU a plain
+    copy (always current); on other accelerators a synchronising copy (no event API here).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        self.buf = torch.zeros((), dtype=torch.bool, pin_memory=pin)
+        self.event = None
+        self.cached = False
+
+    def clear(self) -> None:
+        self.buf.fill_(False)
+        self.event = None
+        self.cached = False
+
+    def publish(self, src: torch.Tensor) -> None:
+        if src.device.type == "cuda":
+            self.buf.copy_(src, non_blocking=True)
+            if torch.cuda.is_current_stream_capturing():
+                # An event recorded inside a capture cannot be queried afterwards; a late answer is safe (steps of
+                # a stopped batch are dropped on the device anyway).
+                self.event = None
+            else:
+                self.event = torch.cuda.Event()
+                self.event.record()
+        else:
+            self.buf.copy_(src)
+
+    def poll(self, block: bool) -> bool:
+        ev = self.event
+        if ev is not None:
+            if block:
+                ev.synchronize()
+            elif not ev.query():
+                return self.cached
+            self.event = None
+        self.cached = bool(self.buf)
+        return self.cached
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "event": None}  # a CUDA event is not picklable; the buffer is re-read on demand
+
+
 class GatedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that DGG can drop lm_head-energy spikes on reuse passes before they reach it.
 
@@ -126,6 +174,25 @@ class GatedOptimizer(torch.optim.Optimizer):
             ``min(1, max_grad_norm / (norm + 1e-6))``, on the device, no host sync). It shares the gate's pass: the
             lm_head gradients are read once for both. The gate sees the pre-clip energy. Unscaled norm under a
             GradScaler. The pre-clip norm of the last step is :attr:`grad_norm`.
+        fold_clip: with ``max_grad_norm``, on the sync-free path (a fused optimizer that honours ``found_inf``),
+            hand the clip coefficient to the fused kernel as ``grad_scale = scaler_scale / coef`` (``1 / coef``
+            without a GradScaler) instead of multiplying every gradient by ``coef`` first: one pass over all the
+            gradients less. The kernel divides by that scale, so parameters differ from ``clip_grad_norm_`` + step
+            by rounding only (division by ``1/coef`` instead of multiplication by ``coef``; see docs/design.md).
+            The fused kernel writes the gradient it used back into ``.grad`` (clipped, unscaled) on a step it
+            applies; on a skipped step ``.grad`` is left unclipped. Elsewhere (host path, non-fused optimizers) the
+            gradients are scaled in place as with ``fold_clip=False``.
+        energy_hook: measure the lm_head energy in post-accumulate-grad hooks during backward (on CUDA on a side
+            stream) instead of inside :meth:`step`, so the read overlaps the rest of backward. The step uses the
+            hook's measurement only when it is exactly what the step would measure (the same gradient tensors,
+            unchanged since: ``Tensor._version``; a GradScaler that unscaled them in place makes the step measure
+            again), so results do not change. Gradient accumulation: every backward measures its accumulated
+            gradient and the last one counts; run the non-final micro-batches' backward inside
+            :meth:`accumulating` to skip their reads. Only on the sync-free path (elsewhere a GradScaler unscales
+            the gradients in place without telling this optimizer): with another optimizer, or
+            ``skip_mode="host"``, a warning says so and the step measures. Distributed energies (DTensor, energy
+            group, multi-process runs) and CUDA graph captures are measured in the step (a one-time warning says
+            why). The hooks hold this optimizer weakly and go away with it.
 
     Raises:
         TypeError: ``optimizer`` is not an Optimizer (or is already gated, or needs closure re-evaluation like
@@ -145,6 +212,8 @@ class GatedOptimizer(torch.optim.Optimizer):
         backend: str = "auto",
         max_grad_norm: float | None = None,
         energy_group: Any = None,
+        fold_clip: bool = True,
+        energy_hook: bool = False,
     ) -> None:
         if isinstance(optimizer, GatedOptimizer):
             raise TypeError("optimizer is already a GatedOptimizer; wrap the inner optimizer once")
@@ -182,10 +251,17 @@ class GatedOptimizer(torch.optim.Optimizer):
             max_grad_norm = float(max_grad_norm)
         if energy_group is not None:
             _check_group(energy_group)
+        if not isinstance(fold_clip, bool):
+            raise TypeError(f"fold_clip must be a bool, got {type(fold_clip).__name__}")
+        if not isinstance(energy_hook, bool):
+            raise TypeError(f"energy_hook must be a bool, got {type(energy_hook).__name__}")
+        if energy_hook and not params:
+            raise ValueError("energy_hook=True measures the lm_head energy: it needs lm_head= (GateConfig.energy)")
         device = params[0].device if params else _first_device(optimizer)
         # backend= is resolved here, for the energy and for the gate: a bad or unavailable name raises now
+        backend = _known_backend(backend)
         energy = EnergyMeter(params, backend=backend, group=energy_group) if params else None
-        gate_impl = resolve_impl(impl_for_config(impl_for_backend(_known_backend(backend)), config), device)
+        gate_impl = _gate_impl_for(backend, config, device)
 
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults (delegated below).
         for k, v in _optimizer_base_attrs().items():
@@ -195,7 +271,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self._config = config
         self.skip_mode = skip_mode
-        self.backend = backend
+        self._backend = backend
         self.max_grad_norm = max_grad_norm
         self._grad_norm: torch.Tensor | None = None
         self._lm_head = params
@@ -209,7 +285,19 @@ class GatedOptimizer(torch.optim.Optimizer):
         self._in_passes = False
         self._warned_host_path = False
         self._warned_no_reuse_index = False
-        self._init_host_flag(device)
+        self._stop_flag = _HostStopFlag(device)
+        self.fold_clip = fold_clip
+        if energy_hook and energy is not None:
+            if skip_mode == "host" or not _supports_found_inf(optimizer):
+                warnings.warn(
+                    f"GatedOptimizer(energy_hook=True): not used with {type(optimizer).__name__}"
+                    f"{' and skip_mode=host' if skip_mode == 'host' else ' without fused=True'}: a GradScaler "
+                    "unscales such an optimizer's gradients in place before step() without telling it, so a "
+                    "measurement taken in backward could be of scaled gradients. The energy is measured in step().",
+                    stacklevel=2,
+                )
+            else:
+                energy.attach_hook()
 
     # ------------------------------------------------------------------ delegation (the wrapper contract)
     @property
@@ -250,6 +338,11 @@ class GatedOptimizer(torch.optim.Optimizer):
         )
 
     @property
+    def backend(self) -> str:
+        """The ``backend=`` this optimizer was built with (read-only: it was resolved at construction)."""
+        return self._backend
+
+    @property
     def energy_group(self) -> Any:
         """Process group of a hand-sharded lm_head whose plain-tensor energy is all-reduced (None: not sharded)."""
         return self._energy_group
@@ -270,6 +363,27 @@ class GatedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
+    @property
+    def energy_hook(self) -> bool:
+        """Whether the lm_head energy is measured in post-accumulate-grad hooks (``energy_hook=True`` on the
+        sync-free path; see the class docstring)."""
+        return self._energy is not None and self._energy.hooked
+
+    def accumulating(self) -> contextlib.AbstractContextManager[None]:
+        """Context for the backward passes of non-final micro-batches under gradient accumulation: with
+        ``energy_hook=True`` they do not measure the energy (only the last backward before :meth:`step` needs to).
+        Harmless otherwise; never needed for correctness (a gradient accumulated after a measurement makes it
+        stale, and the step then measures)::
+
+            for i, micro in enumerate(micro_batches):
+                with opt.accumulating() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+                    loss_fn(model, micro).backward()
+            opt.step()
+        """
+        if self._energy is None:
+            return contextlib.nullcontext()
+        return self._energy.pause_hook()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._discard_recorded()
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -280,11 +394,9 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # Like torch's optimizers, a copy/pickle carries no per-instance patches of step() (an LR scheduler wraps
-        # the instance's step in a closure over *this* object: copied, it would step the original), and no CUDA
-        # event (not picklable; the host flag is re-read on demand).
+        # the instance's step in a closure over *this* object: copied, it would step the original).
         state = self.__dict__.copy()
         state.pop("step", None)
-        state["_stopped_event"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -311,9 +423,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self._reuse_index_set = True
         self._gate.set_reuse_index(k)
         if k == 1:
-            self._host_stopped.fill_(False)
-            self._stopped_cached = False
-            self._stopped_event = None
+            self._stop_flag.clear()
 
     @property
     def reuse_stopped(self) -> bool:
@@ -328,15 +438,7 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     def poll_reuse_stopped(self, block: bool = False) -> bool:
         """:attr:`reuse_stopped`, optionally waiting for the last step's copy to land (``block=True``)."""
-        ev = self._stopped_event
-        if ev is not None:
-            if block:
-                ev.synchronize()
-            elif not ev.query():
-                return self._stopped_cached
-            self._stopped_event = None
-        self._stopped_cached = bool(self._host_stopped)
-        return self._stopped_cached
+        return self._stop_flag.poll(block)
 
     def passes(self, max_reuse: int | None = None, *, block: bool = False) -> Iterator[int]:
         """Iterate the reuse passes of one rollout batch: yields k = 1, 2, ... and stops when the gate trips.
@@ -454,24 +556,38 @@ class GatedOptimizer(torch.optim.Optimizer):
                     f"opt.record_drift({self.config.drift}=...) before step() (see dgg_fused.drift_stats)"
                 )
         self._pending_drift = {}
+        amp_path = self._step_supports_amp_scaling
+        use_found_inf = amp_path and not self._fused_sgd_unprimed()  # = self._use_found_inf()
         meter = self._energy
-        recorded = meter.take() if meter is not None else None
+        recorded, current = None, False
+        if meter is not None:
+            # a hook's measurement is of the gradients as backward left them: unusable if a GradScaler unscaled
+            # them in place since (it says so by handing found_inf without grad_scale)
+            unscaled = not amp_path or (scaler_inf is not None and scaler_scale is None)
+            recorded, current = meter.take_for_step(scaler_scale, scaler_unscaled=unscaled)
         energy = None
         if self.config.energy:
-            energy = recorded if recorded is not None else meter.measure(scaler_scale)
+            if recorded is None:
+                recorded, current = meter.measure(scaler_scale), True
+            energy = recorded
+        inner_scale = scaler_scale
         if self.max_grad_norm is not None:  # after the gate's measurement: the gate sees pre-clip gradients
             if meter is None:  # a drift-only gate: no lm_head singled out, every gradient is read by the clip
                 lm = torch.zeros((), dtype=torch.float32, device=self._gate.device)
                 meter = self._clip_meter()
-            elif energy is not None and recorded is None:
+            elif energy is not None and current:
                 lm = energy.total()
             else:  # a recorded energy may predate changes of the gradients (e.g. unscaling): measure afresh
                 lm = meter.measure(scaler_scale, partials=False).total()
-            self._grad_norm = meter.clip_(lm, self.param_groups, self.max_grad_norm, scaler_scale)
+            fold = self.fold_clip and use_found_inf
+            self._grad_norm, coef = meter.clip_(lm, self.param_groups, self.max_grad_norm, scaler_scale, apply=not fold)
+            if fold:  # the fused kernel divides every gradient by grad_scale: dividing by 1/coef is the clip
+                inner_scale = (1.0 / coef) if scaler_scale is None else scaler_scale.to(coef.device) / coef
         device = energy.value.device if energy is not None else self._gate.device
         if device != self._gate.device:
             self._gate.to(device)
-            self._init_host_flag(device)
+            self._gate_impl = _gate_impl_for(self._backend, self.config, device)  # the lm_head moved (e.g. .cuda())
+            self._stop_flag = _HostStopFlag(device)
 
         external = None
         if scaler_inf is not None:  # an overflowed step is the scaler's to drop: the gate ignores it
@@ -485,7 +601,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         )
 
         run_inner = True
-        if self._use_found_inf():
+        if use_found_inf:
             found_inf = skip if external is None else torch.maximum(skip, external)
         else:
             self._warn_host_path()
@@ -497,8 +613,8 @@ class GatedOptimizer(torch.optim.Optimizer):
                 # that drop on the host too, once, until every buffer exists.
                 run_inner = not bool(scaler_inf)
         if run_inner:
-            self._step_inner(found_inf, scaler_scale)
-        self._publish_stopped()
+            self._step_inner(found_inf, inner_scale)
+        self._stop_flag.publish(self._gate.stopped)
 
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, args, kwargs)
@@ -540,7 +656,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         """The clip's gradient reader of a drift-only gate (no lm_head): an EnergyMeter over no lm_head tensor."""
         meter = self.__dict__.get("_clip_only_meter")
         if meter is None:
-            meter = self._clip_only_meter = EnergyMeter.for_clip(backend=self.backend)
+            meter = self._clip_only_meter = EnergyMeter.for_clip(backend=self._backend)
         return meter
 
     def _warn_host_path(self) -> None:
@@ -565,28 +681,6 @@ class GatedOptimizer(torch.optim.Optimizer):
             "opt.passes():` or call opt.set_reuse_index(k) before each pass.",
             stacklevel=3,
         )
-
-    def _init_host_flag(self, device: torch.device) -> None:
-        pin = device.type == "cuda" and torch.cuda.is_available()
-        self._host_stopped = torch.zeros((), dtype=torch.bool, pin_memory=pin)
-        self._stopped_event = None
-        self._stopped_cached = False
-
-    def _publish_stopped(self) -> None:
-        src = self._gate.stopped
-        if src.device.type == "cuda":
-            self._host_stopped.copy_(src, non_blocking=True)
-            if torch.cuda.is_current_stream_capturing():
-                # An event recorded inside a CUDA-graph capture cannot be queried afterwards. The copy itself is
-                # captured and lands at each replay; reuse_stopped then reads the host buffer as it is (a late
-                # answer is safe: steps of a stopped batch are dropped on the device anyway).
-                self._stopped_event = None
-            else:
-                ev = torch.cuda.Event()
-                ev.record()
-                self._stopped_event = ev
-        else:  # CPU: a plain copy costs nothing; other accelerators: a synchronising copy (no event API here)
-            self._host_stopped.copy_(src)
 
     # ------------------------------------------------------------------ metrics
     @property
@@ -640,8 +734,8 @@ class GatedOptimizer(torch.optim.Optimizer):
             self._reuse_index = k
             self._reuse_index_set = True
             self._discard_recorded()
-            self._init_host_flag(self._gate.device)
-            self._publish_stopped()
+            self._stop_flag = _HostStopFlag(self._gate.device)
+            self._stop_flag.publish(self._gate.stopped)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -660,6 +754,14 @@ def _first_device(optimizer: torch.optim.Optimizer) -> torch.device:
         for p in g["params"]:
             return p.device
     return torch.device("cpu")
+
+
+def _gate_impl_for(backend: str, config: GateConfig, device: torch.device) -> str:
+    """The gate implementation for ``backend=`` on ``device``; a drift gate runs the reference rule (the fused twins
+    implement the energy-only rule)."""
+    if config.uses_drift:
+        return impl_for_config("auto", config)
+    return resolve_impl(impl_for_backend(backend), device)
 
 
 def _known_backend(backend: Any) -> str:

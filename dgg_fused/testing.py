@@ -54,9 +54,9 @@ class SyncRecorder(TorchDispatchMode):
     Use :func:`record_syncs`, which also patches the Python-level host copies.
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.device = torch.device(device)
+        self.device = None if device is None else torch.device(device)
         self.events: list[str] = []
 
     @property
@@ -64,7 +64,8 @@ class SyncRecorder(TorchDispatchMode):
         return len(self.events)
 
     def _watched(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and t.device.type == self.device.type
+        """``t`` lives on the watched device (any device when none was named)."""
+        return isinstance(t, torch.Tensor) and (self.device is None or t.device.type == self.device.type)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -78,11 +79,12 @@ class SyncRecorder(TorchDispatchMode):
             idx = args[1] if len(args) > 1 else []
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (idx or [])):
                 self.events.append(name + "(bool mask)")
-        elif name in ("aten::copy_", "aten::_to_copy") and self.device.type != "cpu":
+        elif name in ("aten::copy_", "aten::_to_copy"):
             src = args[1] if name == "aten::copy_" else args[0]
             dst_dev = args[0].device if name == "aten::copy_" else kwargs.get("device", src.device)
             nb = kwargs.get("non_blocking", args[2] if name == "aten::copy_" and len(args) > 2 else False)
-            if self._watched(src) and torch.device(dst_dev).type == "cpu" and not nb:
+            d2h = isinstance(src, torch.Tensor) and src.device.type != "cpu" and torch.device(dst_dev).type == "cpu"
+            if d2h and self._watched(src) and not nb:
                 self.events.append(name + "(device->host)")
         elif namespace not in _PASSTHROUGH_NAMESPACES:
             # A custom op: run its kernel for the tensors' device ourselves, with this recorder active, so that the
@@ -121,13 +123,14 @@ def _to_target(args, kwargs) -> tuple[torch.device | None, bool]:
 def record_syncs(device: torch.device | str | None = None) -> Iterator[SyncRecorder]:
     """Record the host syncs of the ``with`` block (see the module docstring); yields the :class:`SyncRecorder`.
 
-    ``device``: the device whose values must stay on it (default: CUDA when available, else CPU). On a CPU run,
+    ``device``: the device whose values must stay on it (default: every device — on a CPU-only run, the CPU; torch's
+    CUDA sync debug mode is switched on whenever CUDA is available and ``device`` is not ``"cpu"``). On a CPU run,
     every ``.cpu()`` / ``.to("cpu")`` of a CPU tensor counts: on a GPU it would be a device-to-host copy (code that
     counts as it would on a GPU, and so does ``.to("cpu")`` spelled with a string; ``.to(x.device)`` with a
     ``torch.device`` counts only on an accelerator run (on a CPU run it is the device-agnostic idiom, a no-op on a GPU
     when ``x`` lives there too).
     """
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = None if device is None else torch.device(device)
     rec = SyncRecorder(dev)
     T = torch.Tensor
     orig = {n: getattr(T, n) for n in ("tolist", "numpy", "cpu", "to", "__repr__", "__format__")}
@@ -142,11 +145,11 @@ def record_syncs(device: torch.device | str | None = None) -> Iterator[SyncRecor
 
     def to(self, *a, **k):
         target, literal = _to_target(a, k)
-        # On a CPU run, `t.to(x.device)` with x on the same device is the idiom of device-agnostic code (a no-op
-        # on a GPU too), so a torch.device target counts only on an accelerator run; the string "cpu" always does.
+        # On a CPU tensor, `t.to(x.device)` with x on the same device is the idiom of device-agnostic code (a
+        # no-op on a GPU too), so a torch.device target counts only for an accelerator tensor; "cpu" always does.
         if (
             rec._watched(self) and target is not None and target.type == "cpu" and not _printing.active
-            and (literal or rec.device.type != "cpu")
+            and (literal or self.device.type != "cpu")
         ):
             rec.events.append("Tensor.to(cpu)")
         return orig["to"](self, *a, **k)
@@ -169,7 +172,7 @@ def record_syncs(device: torch.device | str | None = None) -> Iterator[SyncRecor
                "__repr__": shown("__repr__"), "__format__": shown("__format__")}  # fmt: skip
     for n, f in patches.items():
         setattr(T, n, f)
-    cuda_debug = dev.type == "cuda" and torch.cuda.is_available()
+    cuda_debug = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
     prev_mode = torch.cuda.get_sync_debug_mode() if cuda_debug else None
     try:
         with warnings.catch_warnings(record=True) as caught:

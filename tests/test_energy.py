@@ -127,8 +127,11 @@ def test_backend_governs_energy_and_gate_alike():
     assert GatedOptimizer(inner, lm_head=model.lm_head)._gate_impl == "cpp"  # the CPU default: the C++ twin
     ref = GatedOptimizer(inner, lm_head=model.lm_head, backend="torch")
     assert ref._gate_impl == "reference" and ref._energy.resolved_backend == "torch"
-    drift = GatedOptimizer(inner, lm_head=model.lm_head, config=GateConfig(drift="approx_kl"))
-    assert drift._gate_impl == "reference"  # the twins implement the energy-only rule
+    for backend in ("auto", "cpp"):  # the twins implement the energy-only rule: a drift gate runs the reference
+        drift = GatedOptimizer(inner, lm_head=model.lm_head, config=GateConfig(drift="approx_kl"), backend=backend)
+        assert drift._gate_impl == "reference" and drift._energy.resolved_backend == "cpp"
+    with pytest.raises(AttributeError):
+        ref.backend = "cpp"  # resolved at construction: read-only
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="dgg_fused._C not built")
@@ -236,3 +239,79 @@ def test_meter_rejects_sparse_lm_head_gradients_clearly():
     head(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="dense"):
         EnergyMeter(list(head.parameters())).measure()
+
+
+# ---------------------------------------------------------------- the clip folded into the fused step's grad_scale
+class _CountForeachMul(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func._schema.name == "aten::_foreach_mul_"
+        return func(*args, **(kwargs or {}))
+
+
+def _fold_run(fold, dtype=torch.float32, scaler=False, max_norm=0.05, steps=5):
+    m = make_model(0, bias=True).to(dtype)
+    opt = GatedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True),
+                         lm_head=m.lm_head, max_grad_norm=max_norm, fold_clip=fold)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if scaler else None
+    muls = []
+    for s in range(steps):
+        opt.set_reuse_index(1)
+        ids, tgt = batch(s)
+        loss = nn.functional.cross_entropy(m(ids), tgt) * 3.0
+        (sc.scale(loss) if sc else loss).backward()
+        with _CountForeachMul() as count:
+            sc.step(opt) if sc else opt.step()
+        if sc:
+            sc.update()
+        muls.append(count.n)
+        opt.zero_grad()
+    return m, muls
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "scaler"])
+def test_folded_clip_matches_a_float64_reference_as_closely_as_the_multiplying_clip(scaler):
+    """fold_clip: grad_scale = scale / coef instead of grads *= coef; the same step up to rounding (division by
+    1/coef instead of multiplication by coef). Both are held to a float64 run of the same training."""
+    ref, _ = _fold_run(False, torch.float64)
+    folded, muls_f = _fold_run(True, scaler=scaler)
+    mult, muls_m = _fold_run(False, scaler=scaler)
+    assert all(n == 0 for n in muls_f) and all(n >= 1 for n in muls_m)  # the pass over every gradient is gone
+    for (n, pf), pm, pr in zip(folded.named_parameters(), mult.parameters(), ref.parameters()):
+        err_f = ((pf.double() - pr) / pr.abs().clamp(min=1e-3)).abs().max().item()
+        err_m = ((pm.double() - pr) / pr.abs().clamp(min=1e-3)).abs().max().item()
+        assert err_f <= 2 * err_m + 1e-6, f"{n}: folded {err_f:.3g} vs multiplying {err_m:.3g}"
+        torch.testing.assert_close(pf, pm, rtol=1e-5, atol=1e-6, msg=lambda msg: f"{n}: {msg}")
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "scaler"])
+def test_folded_clip_is_bit_identical_when_nothing_is_clipped(scaler):
+    """coef == 1 gives grad_scale == scale (or 1.0): the fused kernel divides by it exactly."""
+    folded, _ = _fold_run(True, scaler=scaler, max_norm=1e6)
+    mult, _ = _fold_run(False, scaler=scaler, max_norm=1e6)
+    for (n, pf), pm in zip(folded.named_parameters(), mult.parameters()):
+        assert torch.equal(pf, pm), n
+
+
+def test_folded_clip_leaves_the_grads_of_a_skipped_step_unclipped():
+    m = make_model(0, bias=True)
+    cfg = GateConfig(window=2, tau=0.3)
+    opt = GatedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), lm_head=m.lm_head, config=cfg,
+                         max_grad_norm=0.01)
+    for s in range(2):
+        opt.set_reuse_index(1)
+        loss_fn(m, batch(s)).backward()
+        opt.step()
+        if s == 1:  # an applied step: the kernel stored the gradient it used, clipped
+            norm = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])
+            assert norm.item() == pytest.approx(0.01, rel=1e-4)
+        opt.zero_grad()
+    opt.set_reuse_index(2)
+    loss_fn(m, batch(9), scale=50.0).backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    opt.step()
+    assert opt.get_metrics()["skipped"] == 1.0
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, m.parameters()))

@@ -429,6 +429,12 @@ def test_deepcopy_and_pickle_after_an_lr_scheduler_step_the_copy():
     assert twin.get_metrics()["steps"] == 1 and opt.get_metrics()["steps"] == 0
     restored = pickle.loads(pickle.dumps(opt))
     assert restored.config == opt.config and restored.get_metrics() == opt.get_metrics()
+    clipping = gated("adamw_fused", model, max_grad_norm=1.0)  # a cached clip plan and a recorded energy
+    clipping.set_reuse_index(1)
+    clipping.step()
+    clipping.record_energy()
+    for o in (copy.deepcopy(clipping), pickle.loads(pickle.dumps(clipping))):
+        assert o.max_grad_norm == 1.0 and o._energy.take() is None
 
 
 def test_config_is_read_only():

@@ -36,8 +36,9 @@ T = torch.ones(3)
         ("inside-custom-op", lambda: torch.ops.dgg_test.syncs_inside(T), "aten::item"),
     ],
 )
-def test_catches(name, fn, expected):
-    with record_syncs("cpu") as rec:
+@pytest.mark.parametrize("device", ["cpu", None], ids=["cpu", "default"])
+def test_catches(name, fn, expected, device):
+    with record_syncs(device) as rec:
         fn()
     assert rec.events == [expected], rec.events
 
