@@ -1,4 +1,5 @@
-// The DGG gate update as scalar code shared by the CPU op and the CUDA kernel (one thread runs it).
+// The DGG gate update as scalar code shared by the CPU op and the CUDA kernels (one thread runs it; for windows
+// above 128 the CUDA block kernel supplies the O(W) parts through gate_update_with's Window).
 //
 // It mirrors dgg_fused/gate/reference.py (the reference) operation by operation, in float32 (the window's mean
 // absolute value in float64, so that it cannot overflow), so the two agree to rounding of the window statistics
