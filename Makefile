@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   -- the main job (the RLVR reuse demo)
 #   make test   -- the test suite (what CI runs, via .ci/run)
+#   make bench-gpu -- on a CUDA machine: build, GPU tests, GPU benchmarks, the README table (< 8 min on an H100/H200)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ VERL_VENV ?= .venv-verl
 VERL_PY := $(VERL_VENV)/bin/python
 VERL_TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-verl demo bench clean
+.PHONY: venv test test-verl demo bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,9 @@ demo: venv
 
 bench: venv
 	$(PY) -m pytest benchmarks/ --benchmark-only
+
+bench-gpu: venv
+	PY=$(PY) benchmarks/run_gpu.sh
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) build *.egg-info

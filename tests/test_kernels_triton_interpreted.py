@@ -99,6 +99,76 @@ def test_opcheck_triton_backend():
         torch.library.opcheck(torch.ops.dgg_fused.sumsq_triton.default, (ts,))
 
 
+def _multi_tile_inputs():
+    g = torch.Generator().manual_seed(5)
+    # ~10 tiles; a tensor ending mid-tile, tiles spanning several tensors, a masked tail, three dtypes
+    return [torch.randn(200_003, generator=g), torch.randn(3, 1000, generator=g).bfloat16(),
+            torch.randn(70_001, generator=g).half(), torch.randn(40_000, generator=g).bfloat16()]
+
+
+def test_triton_result_does_not_depend_on_the_grid():
+    from dgg_fused.ops import triton_sumsq as ts
+
+    tensors = _multi_tile_inputs()
+    tiles = ts.plan([t.numel() for t in tensors])[0]
+    assert tiles >= 8
+    base = ts.sumsq_partials(tensors)
+    assert base.numel() == tiles
+    for programs in (1, 3, tiles - 1, 10 * tiles):  # a program sums 1..tiles tiles, strided
+        assert torch.equal(ts.sumsq_partials(tensors, programs=programs), base), programs
+        assert torch.equal(ts.sumsq(tensors, programs=programs), ts.sumsq(tensors)), programs
+    torch.testing.assert_close(ts.sumsq(tensors).double(), _ref(tensors), rtol=2e-6, atol=0)
+
+
+def test_sum_partials_fixed_order_beyond_one_block():
+    """More partials than one PB-wide load (the loop in sum_partials): integer-valued, so the float64 sum is exact."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    parts = torch.randint(0, 2**20, (3001,)).float()
+    out = torch.empty((), dtype=torch.float32)
+    ts._sumsq_finalize_kernel[(1,)](parts, parts.numel(), out, PB=ts.partials_block(parts.numel()))
+    assert torch.equal(out, parts.double().sum().float())
+
+
+def test_triton_epilogue_sums_partials_like_the_finalize_kernel():
+    from dgg_fused.config import GateConfig
+    from dgg_fused.gate import GateState, gate_step_
+    from dgg_fused.ops import triton_sumsq as ts
+
+    parts = torch.rand(2500, generator=torch.Generator().manual_seed(2)) * 1e3  # > 1024 partials: several loads
+    energy = torch.empty((), dtype=torch.float32)
+    ts._sumsq_finalize_kernel[(1,)](parts, parts.numel(), energy, PB=ts.partials_block(parts.numel()))
+    st = GateState.create(2, "cpu")
+    gate_step_(st, parts, GateConfig(window=2), impl="triton")
+    assert torch.equal(st.last[0], energy)
+
+
+def test_table_cache_survives_reallocated_gradients(monkeypatch):
+    """zero_grad(set_to_none=True) reallocates gradients: the layout tables are kept, an address table is built per
+    new address set, and a few address sets that repeat (as the caching allocator hands back the same blocks)
+    build nothing after the first round."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    built = []
+    real = ts._to_device
+    monkeypatch.setattr(ts, "_to_device", lambda values, device: built.append(len(values)) or real(values, device))
+    monkeypatch.setattr(ts, "_LAYOUTS", type(ts._LAYOUTS)())
+    shapes = [(3000,), (50, 7), (70_001,)]
+    pools = [[torch.randn(s) for s in shapes] for _ in range(3)]  # three "allocations" of the same gradients
+    ref = [ts.sumsq(p) for p in pools]
+    n_tensors = len(shapes)
+    assert built == [3 * n_tensors + 2 * ts.plan([3000, 350, 70_001])[0], n_tensors, n_tensors, n_tensors]
+    built.clear()
+    for _ in range(3):  # steady state: addresses cycle among known sets, no table is built
+        for p, r in zip(pools, ref):
+            assert torch.equal(ts.sumsq(p), r)
+    assert built == []
+    fresh = [torch.randn(s) for s in shapes]  # a new address set: one address table, the layout is reused
+    ts.sumsq(fresh)
+    assert built == [n_tensors]
+    assert len(ts._LAYOUTS) == 1 and len(next(iter(ts._LAYOUTS.values())).addresses) <= ts._Layout.MAX_ADDRESS_SETS
+
+
 def test_optimizer_with_triton_backend_takes_the_partials_path():
     """backend="triton": the energy is handed to the gate as stage-1 partials, the Triton epilogue adds them (the
     CUDA fast path, here interpreted); decisions and energies equal the reference backend's, also with a scale."""

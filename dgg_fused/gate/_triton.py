@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..config import Reference, Statistic
+from ..ops.triton_sumsq import partials_block, sum_partials
 
 __all__ = ["gate_epilogue_"]
 
@@ -55,9 +56,7 @@ def _gate_epilogue_kernel(
     STAT: tl.constexpr, REF: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXT: tl.constexpr,
     PB: tl.constexpr, WP: tl.constexpr, TINY: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.arange(0, PB)
-    parts = tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0).to(tl.float64)
-    e = tl.sum(parts, axis=0).to(tl.float32)
+    e = sum_partials(partials_ptr, n_partials, PB).to(tl.float32)  # the finalize kernel's order: same bits
     if HAS_SCALE:
         s = tl.load(scale_ptr).to(tl.float32)
         e = tl.div_rn(e, s * s)
@@ -150,6 +149,6 @@ def gate_epilogue_(
         window, w, filled, prev_energy, reuse_index, stopped.view(torch.int8), counters, last, skip,
         float(tau), float(std_floor),
         STAT=statistic, REF=reference, HAS_SCALE=grad_scale is not None, HAS_EXT=external_skip is not None,
-        PB=max(16, triton.next_power_of_2(n)), WP=wp, TINY=_TINY,
+        PB=partials_block(n), WP=wp, TINY=_TINY,
         num_warps=min(8, max(1, wp // 256)),  # one warp for the usual windows (<= 256), more for huge ones
     )  # fmt: skip
