@@ -94,6 +94,7 @@ class EnergyMeter:
         return {**self.__dict__, "_pending": None, "_clip_plan": None, "_hook": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = {"_hook": None, "_hook_wanted": False, "_hook_warned": set(), **state}  # older copies lack these
         self.__dict__.update(state)
         if self._hook_wanted:
             self.attach_hook()
@@ -212,9 +213,9 @@ class EnergyMeter:
         a side stream that first waits for the current (backward) stream; the gradients are marked used by the side
         stream (``record_stream``) and an event is recorded for :meth:`take_for_step`. The hooks hold only a weak
         reference to this meter and are removed when it is garbage collected (or by :meth:`detach_hook`).
-        Measuring is skipped, and the step measures instead, inside :meth:`pause_hook`, for DTensor gradients, with
-        an energy group, in a multi-process run (DDP/FSDP may still reduce the gradient in place after it is
-        accumulated), during a CUDA graph capture and under ``torch.compile`` (a one-time warning gives the reason).
+        The hooks do not measure inside :meth:`pause_hook`; nor (a one-time warning gives the reason) for DTensor
+        gradients, with an energy group, in a multi-process run (DDP/FSDP may still reduce the gradient in place
+        after it is accumulated), during a CUDA graph capture or under compiled autograd: the step measures then.
         """
         self._hook_wanted = True
         if self._hook is None and self.params:

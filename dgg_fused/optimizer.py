@@ -400,7 +400,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"fold_clip": True, **state})  # pickles from before fold_clip existed
 
     # ------------------------------------------------------------------ reuse bookkeeping
     @property

@@ -252,10 +252,17 @@ class _CountForeachMul(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _fold_run(fold, dtype=torch.float32, scaler=False, max_norm=0.05, steps=5):
+FOLD_INNER = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=1e-1, momentum=0.9, fused=True),  # step 1 on the host path
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-1, fused=True),
+}
+
+
+def _fold_run(fold, dtype=torch.float32, scaler=False, max_norm=0.05, steps=5, inner="adamw"):
     m = make_model(0, bias=True).to(dtype)
-    opt = GatedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True),
-                         lm_head=m.lm_head, max_grad_norm=max_norm, fold_clip=fold)
+    opt = GatedOptimizer(FOLD_INNER[inner](m.parameters()), lm_head=m.lm_head, max_grad_norm=max_norm,
+                         fold_clip=fold)
     sc = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if scaler else None
     muls = []
     for s in range(steps):
@@ -272,14 +279,18 @@ def _fold_run(fold, dtype=torch.float32, scaler=False, max_norm=0.05, steps=5):
     return m, muls
 
 
+@pytest.mark.parametrize("inner", sorted(FOLD_INNER))
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "scaler"])
-def test_folded_clip_matches_a_float64_reference_as_closely_as_the_multiplying_clip(scaler):
+def test_folded_clip_matches_a_float64_reference_as_closely_as_the_multiplying_clip(scaler, inner):
     """fold_clip: grad_scale = scale / coef instead of grads *= coef; the same step up to rounding (division by
     1/coef instead of multiplication by coef). Both are held to a float64 run of the same training."""
-    ref, _ = _fold_run(False, torch.float64)
-    folded, muls_f = _fold_run(True, scaler=scaler)
-    mult, muls_m = _fold_run(False, scaler=scaler)
-    assert all(n == 0 for n in muls_f) and all(n >= 1 for n in muls_m)  # the pass over every gradient is gone
+    ref, _ = _fold_run(False, torch.float64, inner=inner)
+    folded, muls_f = _fold_run(True, scaler=scaler, inner=inner)
+    mult, muls_m = _fold_run(False, scaler=scaler, inner=inner)
+    # the pass over every gradient is gone (fused SGD's first step runs on the host path: scaled in place there)
+    first = 1 if inner == "sgd_momentum" else 0
+    assert muls_f[:first] == [1] * first and all(n == 0 for n in muls_f[first:]), muls_f
+    assert all(n >= 1 for n in muls_m)
     for (n, pf), pm, pr in zip(folded.named_parameters(), mult.parameters(), ref.parameters()):
         err_f = ((pf.double() - pr) / pr.abs().clamp(min=1e-3)).abs().max().item()
         err_m = ((pm.double() - pr) / pr.abs().clamp(min=1e-3)).abs().max().item()

@@ -218,3 +218,25 @@ def test_bad_flags():
         GatedOptimizer(inner, lm_head=m.lm_head, fold_clip="yes")
     with pytest.raises(ValueError, match="energy_hook"):
         GatedOptimizer(inner, lm_head=None, config=GateConfig(energy=False, drift="approx_kl"), energy_hook=True)
+
+
+def test_tied_lm_head_is_measured_once_at_the_end_of_backward():
+    """A tied weight (embedding = lm_head) is accumulated once, after both uses: the hook still reads the full
+    gradient (no overlap to gain, but the same bits)."""
+    m = make_model(0)
+    m.lm_head.weight = m.embed.weight
+    opt = _opt(m, True)
+    loss_fn(m, batch(0)).backward()
+    rec = _hook_recording(opt)
+    assert rec is not None and torch.equal(rec.energy.value, opt._energy.measure().value)
+
+
+def test_record_energy_after_backward_takes_precedence():
+    """An explicit record_energy() (e.g. before the user's own clip_grad_norm_) replaces the hook's measurement."""
+    m = make_model(0)
+    opt = _opt(m, True)
+    loss_fn(m, batch(0), scale=5.0).backward()
+    pre = opt.record_energy().clone()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+    opt.step()
+    assert torch.equal(opt.metrics["energy"], pre)
