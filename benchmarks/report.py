@@ -175,7 +175,7 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             ideal = e["ideal_overhead"]
             stepname = STEP_LABEL.get(v, f"GatedOptimizer ({v[5:-1]})")
             if clip and v.startswith("ours["):
-                stepname += " max_grad_norm"
+                stepname += " max_grad_norm, fold_clip"
             added = e.get("paired_b_median_s", 0) - e.get("paired_a_median_s", 0)
             cells = [label, stepname, f"{t * 1e3:.2f}", f"{added * 1e3:+.2f}",
                      f"{_pct(paired, 2)} [{_pct(q1 - 1 if q1 else None, 1)}, {_pct(q3 - 1 if q3 else None, 1)}]",

@@ -205,7 +205,8 @@ def make_floor(ps: ParamSet, clip: bool):
 
 
 def make_ours(ps: ParamSet, clip: bool, backend: str):
-    kwargs = {"max_grad_norm": MAX_NORM} if clip else {}
+    # fold_clip=True (opt-in): the clip coefficient rides in the fused kernel's grad_scale (the fast clip path)
+    kwargs = {"max_grad_norm": MAX_NORM, "fold_clip": True} if clip else {}
     opt = GatedOptimizer(
         torch.optim.AdamW(ps.params, lr=1e-6, fused=True),
         lm_head=[ps.lm_head],
