@@ -81,7 +81,6 @@ def _extensions():
             "dgg_fused._C",
             cpp_sources + cuda_sources,
             include_dirs=[os.path.join(HERE, csrc)] + _nvidia_include_dirs(),
-            define_macros=[("DGG_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **libs_args,
         )

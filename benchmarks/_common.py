@@ -4,12 +4,19 @@ Benchmarks are not tests: nothing here asserts a timing. Knobs (environment vari
 
 * ``DGG_BENCH_DEVICE``: ``cuda`` or ``cpu`` (default: ``cuda`` when available, else ``cpu``).
 * ``DGG_BENCH_SMOKE=1``: tiny shapes and one round everywhere (what ``tests/test_benchmarks_smoke.py`` uses).
-* ``DGG_BENCH_CPU_ELEMS``: element budget of one scaled lm_head on CPU (default ``2**25``, see :func:`lm_head_shape`).
+* ``DGG_BENCH_CPU_ELEMS``: element budget of one scaled lm_head on CPU (default: the power of two >= the last-level
+  cache in bytes, at least ``2**24``: a bf16 lm_head is >= 2x the cache, fp32 >= 4x; see :func:`lm_head_shape`).
+* ``DGG_BENCH_FLUSH_BYTES``: size of the cache-flush buffer (default: 2x the last-level cache, read from sysfs on
+  CPU / ``L2_cache_size`` on CUDA; at least 64 MiB).
 * ``DGG_BENCH_FULL=1``: the real lm_head shapes on CPU too (about 2 GB per fp32 tensor; slow).
 * ``DGG_BENCH_STEP_PARAMS``: parameter count of the optimizer-step sets (default ``2**25`` CPU, ``2**30`` CUDA).
 * ``DGG_BENCH_ROUNDS``: timed rounds of each optimizer-step benchmark, and the least A/B pairs of its paired ratio
   (15); ``DGG_BENCH_PAIR_BUDGET_S`` (10): seconds the step pairs may take beyond that (up to 200 pairs).
 * ``DGG_BENCH_ENERGY_PAIR_BUDGET_S``: seconds of paired roofline comparison per energy method (3; 3 to 60 pairs).
+* ``DGG_BENCH_CLOCK``: ``wall`` (default) or ``process``: the clock of the paired ratios. ``process`` is the CPU time
+  of this process (``time.process_time``): time slices taken by other processes on a shared box do not count, so
+  the ratios stay usable under load; CPU only, and meant for one pinned thread (with several threads, a thread
+  waiting for a preempted sibling may spin and count). pytest-benchmark's own timer: ``--benchmark-timer``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import statistics
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -49,6 +55,11 @@ def bench_device() -> torch.device:
 
 DEVICE = bench_device()
 IS_CUDA = DEVICE.type == "cuda"
+CLOCK = os.environ.get("DGG_BENCH_CLOCK", "wall").strip().lower() or "wall"
+if CLOCK not in ("wall", "process"):
+    raise ValueError(f"DGG_BENCH_CLOCK must be 'wall' or 'process', got {CLOCK!r}")
+if CLOCK == "process" and IS_CUDA:
+    raise ValueError("DGG_BENCH_CLOCK=process measures CPU time: meaningless for GPU work")
 NO_CUDA_REASON = "no CUDA device in this process (the GPU parts of the suite need one)"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,15 +73,66 @@ LM_HEADS = {
     "Qwen2.5-0.5B": (151936, 896),
 }
 
-CPU_ELEMS = int(os.environ.get("DGG_BENCH_CPU_ELEMS", str(2**25)))
+
+def last_level_cache_bytes() -> tuple[int | None, str]:
+    """The bench device's last-level cache in bytes, and where the number came from (None if unknown).
+
+    CPU: the largest unified cache of cpu0 in sysfs (``/sys/devices/system/cpu/cpu0/cache/index*/``), else
+    ``lscpu``'s L3 line. CUDA: ``torch.cuda.get_device_properties().L2_cache_size``."""
+    if IS_CUDA:
+        l2 = getattr(torch.cuda.get_device_properties(DEVICE), "L2_cache_size", 0)
+        return (int(l2), "cuda device properties (L2)") if l2 else (None, "unknown")
+    best = None
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in sorted(os.listdir(root)):
+            if not d.startswith("index"):
+                continue
+            with open(os.path.join(root, d, "type")) as f:
+                if f.read().strip() not in ("Unified", "Data"):
+                    continue
+            with open(os.path.join(root, d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(root, d, "size")) as f:
+                txt = f.read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+            size = int(txt.rstrip("KMG")) * mult
+            if best is None or level > best[0]:
+                best = (level, size)
+    except (OSError, ValueError):
+        best = None
+    if best is not None:
+        return best[1], f"sysfs (L{best[0]})"
+    try:
+        import subprocess
+
+        out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            if line.startswith("L3 cache:"):
+                return int(line.split(":", 1)[1].split()[0]), "lscpu (L3)"
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return None, "unknown"
+
+
+LLC_BYTES, LLC_SOURCE = last_level_cache_bytes()
+
+
+def _default_cpu_elems() -> int:
+    llc = LLC_BYTES or (32 << 20)
+    return max(2**24, 1 << max(0, (llc - 1).bit_length()))
+
+
+CPU_ELEMS = int(os.environ.get("DGG_BENCH_CPU_ELEMS", str(_default_cpu_elems())))
 
 
 def lm_head_shape(model: str) -> tuple[tuple[int, int], str]:
     """The lm_head shape benchmarked for ``model`` on this device, and how it was scaled (a sentence).
 
     On CUDA: the real shape. On CPU: the vocabulary (rows) is divided by the power of two that brings the matrix
-    closest to ``DGG_BENCH_CPU_ELEMS`` elements (2**25 by default: 128 MiB in fp32, 64 MiB in bf16/fp16, 2-4x the
-    32 MiB L3 of the reference machine, so every read streams from DRAM); the hidden size is kept.
+    closest to ``DGG_BENCH_CPU_ELEMS`` elements (by default the power of two >= the last-level cache in bytes, so
+    a bf16/fp16 matrix is ~2x and an fp32 one ~4x the cache and every read streams from DRAM; 2**25 elements for a
+    32 MiB L3); the hidden size is kept.
     """
     rows, cols = LM_HEADS[model]
     if SMOKE:
@@ -168,12 +230,22 @@ class DeviceTimed:
         return statistics.median(self.event_s) if self.event_s else None
 
 
+def flush_bytes() -> int:
+    """Bytes the cache flush writes: ``DGG_BENCH_FLUSH_BYTES``, else 2x the last-level cache (at least 64 MiB)."""
+    if SMOKE:
+        return 1 << 12
+    env = os.environ.get("DGG_BENCH_FLUSH_BYTES", "").strip()
+    if env:
+        return int(env)
+    return max(64 << 20, 2 * (LLC_BYTES or (64 << 20)))
+
+
 class CacheFlusher:
-    """Writes a buffer larger than the last-level cache, so the next timed call starts cold (as after backward)."""
+    """Writes a buffer twice the last-level cache, so the next timed call starts cold (as after backward)."""
 
     def __init__(self, nbytes: int | None = None) -> None:
         if nbytes is None:
-            nbytes = 1 << (12 if SMOKE else (28 if IS_CUDA else 26))  # 256 MiB > H100 L2; 64 MiB = 2x CPU L3
+            nbytes = flush_bytes()
         self.buf = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
         self.nbytes = nbytes
 
@@ -192,15 +264,16 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
     """
     import time
 
+    now = time.process_time if CLOCK == "process" else time.perf_counter
     ta, tb = [], []
     for i in range(pairs):
         order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
         for f, acc in order:
             setup()
-            t0 = time.perf_counter()
+            t0 = now()
             f()
             sync()
-            acc.append(time.perf_counter() - t0)
+            acc.append(now() - t0)
     r = sorted(b / a for a, b in zip(ta, tb))
     q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0]] * 3
     return {
@@ -209,6 +282,7 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
         "paired_ratio_q3": q[2],
         "paired_min_ratio": min(tb) / min(ta),
         "paired_pairs": pairs,
+        "paired_clock": CLOCK,
         "paired_a_median_s": statistics.median(ta),
         "paired_b_median_s": statistics.median(tb),
     }
@@ -216,61 +290,16 @@ def paired_ratios(fa: Callable[[], object], fb: Callable[[], object], pairs: int
 
 # ---------------------------------------------------------------------------------------------------- host syncs
 
-_SYNC_OPS = {
-    aten._local_scalar_dense.default,  # .item(), bool(t), float(t), int(t), `if t:`
-    aten.nonzero.default,
-    aten.equal.default,
-    aten.masked_select.default,
-}
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Counts the ops of a region that make the host wait for a value computed on ``device``.
-
-    ``aten._local_scalar_dense`` (what ``.item()``, ``bool()``, ``float()`` dispatch to), ``nonzero``, ``equal``,
-    ``masked_select``, and blocking device-to-host copies (``.cpu()``, ``.tolist()`` on CUDA). On a CPU run every
-    such op on a CPU tensor is counted: it is the op that would stall the pipeline on a GPU.
-    """
-
-    def __init__(self, device: torch.device = DEVICE) -> None:
-        super().__init__()
-        self.device = torch.device(device)
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def _on_device(self, args, kwargs) -> bool:
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.device.type == self.device.type:
-                return True
-        return False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _SYNC_OPS and self._on_device(args, kwargs):
-            self.counts[str(func.overloadpacket.__name__)] += 1
-        elif self.device.type != "cpu":
-            if func is aten._to_copy.default and isinstance(args[0], torch.Tensor):
-                dst = kwargs.get("device")
-                if args[0].device.type == self.device.type and dst is not None and torch.device(dst).type == "cpu":
-                    if not kwargs.get("non_blocking", False):
-                        self.counts["d2h_copy"] += 1
-            elif func is aten.copy_.default:
-                dst, src = args[0], args[1]
-                nb = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-                if src.device.type == self.device.type and dst.device.type == "cpu" and not nb:
-                    self.counts["d2h_copy"] += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
 def count_host_syncs(step: Callable[[], object], steps: int = 2) -> tuple[float, dict[str, int]]:
-    """Host syncs per call of ``step`` (averaged over ``steps`` calls) and the per-op breakdown."""
-    with HostSyncCounter() as c:
+    """Host syncs per call of ``step`` (averaged over ``steps`` calls) and the per-event breakdown, counted by the
+    detector the test suite uses (:func:`dgg_fused.testing.record_syncs`: sync ops, host copies, printing, syncs
+    inside custom ops, and torch's sync debug mode on CUDA)."""
+    from dgg_fused.testing import record_syncs
+
+    with record_syncs(DEVICE) as rec:
         for _ in range(steps):
             step()
-    return c.total / steps, dict(c.counts)
+    return rec.count / steps, dict(collections.Counter(rec.events))
 
 
 def count_cuda_sync_warnings(step: Callable[[], object], steps: int = 2) -> float | None:
@@ -293,8 +322,9 @@ def count_cuda_sync_warnings(step: Callable[[], object], steps: int = 2) -> floa
     return sum("synchroniz" in str(x.message).lower() for x in w) / steps
 
 
-def count_cuda_launches(step: Callable[[], object], steps: int = 5) -> dict[str, float] | None:
-    """Kernels and memcpy/memset operations per call of ``step``, from torch.profiler (CUDA only)."""
+def count_cuda_launches(step: Callable[[], object], steps: int = 5) -> dict | None:
+    """Kernels and memcpy/memset operations per call of ``step``, from torch.profiler (CUDA only), and the kernel
+    names with their counts per call (``names``)."""
     if not IS_CUDA:
         return None
     from torch.autograd import DeviceType
@@ -307,6 +337,7 @@ def count_cuda_launches(step: Callable[[], object], steps: int = 5) -> dict[str,
             step()
         sync()
     kernels = copies = 0
+    names: collections.Counter[str] = collections.Counter()
     for e in prof.events():
         if getattr(e, "device_type", None) != DeviceType.CUDA:
             continue
@@ -315,7 +346,15 @@ def count_cuda_launches(step: Callable[[], object], steps: int = 5) -> dict[str,
             copies += 1
         else:
             kernels += 1
-    return {"kernels": kernels / steps, "memcpy_memset": copies / steps}
+            names[e.name[:120]] += 1
+    return {"kernels": kernels / steps, "memcpy_memset": copies / steps,
+            "names": {k: v / steps for k, v in sorted(names.items())}}
+
+
+def added_kernel_names(ours: dict, bare: dict) -> dict[str, float]:
+    """Kernels per step that ``ours`` launches beyond ``bare`` (by name; from :func:`count_cuda_launches`)."""
+    a, b = ours.get("names", {}), bare.get("names", {})
+    return {k: v - b.get(k, 0.0) for k, v in a.items() if v - b.get(k, 0.0) > 0}
 
 
 # ---------------------------------------------------------------------------------------------------- machine
@@ -389,6 +428,10 @@ def common_extra_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "loadavg": loadavg(),
         "smoke": SMOKE,
+        "clock": CLOCK,
+        "last_level_cache_bytes": LLC_BYTES,
+        "last_level_cache_source": LLC_SOURCE,
+        "cache_flush_bytes": flush_bytes(),
     }
     info.update(versions())
     return info

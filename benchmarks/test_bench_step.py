@@ -5,10 +5,20 @@ lm_head at ~8% of the parameters (as in Qwen2.5-7B: 545M of 7.6B) and at 50%. fp
 (the master copy of mixed-precision training). One group per (set, clipping):
 
 * ``bare``: ``AdamW(fused=True).step()`` (with clipping: ``clip_grad_norm_(foreach=True)`` first).
+* ``read``: the lm_head gradient read alone (the compiled energy kernel ``torch.ops.dgg_fused._C_sumsq``, called
+  directly), then the bare step: the bytes any gate must add.
+* ``floor``: the cheapest sync-free gate: that read, one compare on the device (``torch.gt(e, thr, out=found_inf)``)
+  and the bare step with ``found_inf`` (torch's fused AdamW then rolls back its step counters on the device, the
+  protocol GatedOptimizer uses). The CPU target is judged against it: gated <= max(1.5 x floor, floor + 1 point).
 * ``ours[<backend>]``: ``GatedOptimizer(AdamW(fused=True), backend=...)`` on a reuse pass (k = 2) with a full
   window, i.e. the gate fully active and not tripping (the timed step is applied). With clipping:
   ``GatedOptimizer(..., max_grad_norm=...)`` when the constructor offers it, else skipped.
-* ``naive``: ``e = lm_head.grad.float().pow(2).sum(); if e.item() > thr: skip`` before the bare step.
+* ``naive``: the fair naive gate, ``n = torch.linalg.vector_norm(lm_head.grad); if n.item() > thr: skip`` before
+  the bare step (``vector_norm`` reads in place; ``.float().pow(2).sum()`` would materialise a copy).
+
+No gate may trip while it is timed (a skipped step costs almost nothing and would report a negative overhead):
+GatedOptimizer's ``gated_steps``/``stopped_batches`` counters are checked after timing, and the floor's and the
+naive gate's thresholds are never exceeded; a trip fails the benchmark.
 
 Every timed call starts cold (an untimed write of a buffer larger than the last-level cache), as after backward.
 Beside pytest-benchmark's own timing, each gated/naive benchmark records a *paired* ratio against bare: the two
@@ -47,6 +57,7 @@ from _common import (
     count_cuda_launches,
     count_cuda_sync_warnings,
     count_host_syncs,
+    added_kernel_names,
     paired_ratios,
     sync,
 )
@@ -74,10 +85,12 @@ STEP_BACKENDS = BACKENDS if STEP_ALL_BACKENDS or BACKENDS == ["torch"] else [b f
 MAX_NORM = 1e6
 #: The naive gate's threshold: never exceeded, so it times an applied step like the others.
 NAIVE_THRESHOLD = float("inf")
+#: The floor's threshold on the energy: never exceeded either.
+FLOOR_THRESHOLD = float("inf")
 
 FRACS = {"lm8": 0.08, "lm50": 0.50}
 CLIPS = ["noclip", "clip"]
-VARIANTS = ["bare"] + [f"ours[{b}]" for b in STEP_BACKENDS] + ["naive"]
+VARIANTS = ["bare", "read", "floor"] + [f"ours[{b}]" for b in STEP_BACKENDS] + ["naive"]
 CASES = [(s, c, v) for s in FRACS for c in CLIPS for v in VARIANTS]
 
 
@@ -137,20 +150,63 @@ def make_bare(ps: ParamSet, clip: bool):
 
 def make_naive(ps: ParamSet, clip: bool):
     opt = torch.optim.AdamW(ps.params, lr=1e-6, fused=True)
+    g = ps.lm_head.grad
+    skipped = [0]
 
     def step() -> None:
         if clip:
             torch.nn.utils.clip_grad_norm_(ps.params, MAX_NORM, foreach=True)
-        e = ps.lm_head.grad.float().pow(2).sum()
-        if e.item() > NAIVE_THRESHOLD:  # the host waits here for everything queued so far
+        if torch.linalg.vector_norm(g).item() > NAIVE_THRESHOLD:  # the host waits here for everything queued so far
+            skipped[0] += 1
             return
         opt.step()
+
+    step.skipped = skipped  # type: ignore[attr-defined]
+    return opt, step
+
+
+def _energy_kernel():
+    """The compiled energy kernel for the bench device, called directly (fallback: torch's vector_norm)."""
+    from dgg_fused.ops import available_backends
+
+    if any(b in available_backends(DEVICE) for b in ("cpp", "cuda")):
+        return lambda g: torch.ops.dgg_fused._C_sumsq([g])
+    return lambda g: torch.linalg.vector_norm(g).square()
+
+
+def make_read(ps: ParamSet, clip: bool):
+    """The lm_head gradient read alone, then the bare step."""
+    opt, bare = make_bare(ps, clip)
+    energy, g = _energy_kernel(), ps.lm_head.grad
+
+    def step() -> None:
+        energy(g)
+        bare()
 
     return opt, step
 
 
+def make_floor(ps: ParamSet, clip: bool):
+    """The cheapest sync-free gate: the read, one compare on the device, the fused step with found_inf."""
+    opt = torch.optim.AdamW(ps.params, lr=1e-6, fused=True)
+    energy, g = _energy_kernel(), ps.lm_head.grad
+    thr = torch.tensor(FLOOR_THRESHOLD, device=DEVICE)
+    found_inf = torch.zeros((), dtype=torch.float32, device=DEVICE)
+    opt.found_inf = found_inf  # torch's fused AdamW reads it (as GradScaler and GatedOptimizer set it)
+
+    def step() -> None:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ps.params, MAX_NORM, foreach=True)
+        torch.gt(energy(g), thr, out=found_inf)
+        opt.step()
+
+    step.found_inf = found_inf  # type: ignore[attr-defined]
+    return opt, step
+
+
 def make_ours(ps: ParamSet, clip: bool, backend: str):
-    kwargs = {"max_grad_norm": MAX_NORM} if clip else {}
+    # fold_clip=True (opt-in): the clip coefficient rides in the fused kernel's grad_scale (the fast clip path)
+    kwargs = {"max_grad_norm": MAX_NORM, "fold_clip": True} if clip else {}
     opt = GatedOptimizer(
         torch.optim.AdamW(ps.params, lr=1e-6, fused=True),
         lm_head=[ps.lm_head],
@@ -200,6 +256,10 @@ def test_step_overhead(benchmark, set_name: str, clip_name: str, variant: str) -
         ctx["opt"], step = make_bare(ps, clip)
     elif variant == "naive":
         ctx["opt"], step = make_naive(ps, clip)
+    elif variant == "read":
+        ctx["opt"], step = make_read(ps, clip)
+    elif variant == "floor":
+        ctx["opt"], step = make_floor(ps, clip)
     else:
         backend = variant[len("ours[") : -1]
         why = backend_unusable(backend)
@@ -233,6 +293,7 @@ def test_step_overhead(benchmark, set_name: str, clip_name: str, variant: str) -
             base = count_cuda_launches(bare_step)
             info.update(launches_per_step=launches, bare_launches_per_step=base)
             info["added_kernels_per_step"] = launches["kernels"] - base["kernels"]
+            info["added_kernel_names"] = added_kernel_names(launches, base)
         else:
             info["launches_per_step"] = f"n/a: {NO_CUDA_REASON}"
         del ctx["bare_opt"], bare_step
@@ -243,10 +304,25 @@ def test_step_overhead(benchmark, set_name: str, clip_name: str, variant: str) -
     benchmark.pedantic(timed, setup=flush, rounds=ROUNDS, warmup_rounds=1 if not SMOKE else 0, iterations=1)
     if IS_CUDA:
         benchmark.extra_info["event_median_s"] = timed.event_median_s()
-    if variant.startswith("ours["):
-        m = ctx["opt"].get_metrics()
-        benchmark.extra_info.update(gated_steps=m["gated_steps"], gate_steps=m["steps"])
+    _check_no_trip(variant, ctx["opt"], step, benchmark.extra_info)
     ctx.clear()
+
+
+def _check_no_trip(variant: str, opt, step, info: dict) -> None:
+    """A gate that tripped while being timed timed skipped steps: fail the benchmark rather than report them."""
+    if variant.startswith("ours["):
+        m = opt.get_metrics()
+        info.update(gated_steps=m["gated_steps"], stopped_batches=m["stopped_batches"], gate_steps=m["steps"])
+        tripped = m["gated_steps"] + m["stopped_batches"]
+    elif variant == "naive":
+        tripped = step.skipped[0]
+    elif variant == "floor":
+        tripped = int(step.found_inf.item() != 0)
+    else:
+        return
+    info["trips_while_timed"] = tripped
+    if tripped:
+        raise RuntimeError(f"{variant}: the gate tripped while timed ({tripped} skipped steps): the timing is void")
 
 
 # ------------------------------------------------------------------------------------------ pipeline (CUDA only)

@@ -5,13 +5,16 @@
 //   dgg_fused::_C_gate_epilogue(...) -> ()
 //       the DGG gate update (gate_epilogue.h) on the device-resident gate state, in one call / one kernel.
 //
-// The public op (dgg_fused::grad_sumsq, defined in dgg_fused/ops/__init__.py) calls _C_sumsq for the "cpp" and
-// "cuda" backends. The CUDA implementations are in dgg_fused_cuda.cu (built only by CUDAExtension).
+// Each schema is defined here, once; the CPU kernels are registered below, the CUDA ones in cuda/ops_cuda.cpp (built
+// only by CUDAExtension). dgg_fused/ops calls _C_sumsq for the "cpp" and "cuda" backends, dgg_fused/gate calls
+// _C_gate_epilogue; their fake (meta) implementations are registered in Python when the extension is loaded.
 //
 // CPU reduction (deterministic, independent of the thread count): every tensor is cut into fixed chunks of
 // kChunk elements; a chunk is summed in blocks of kBlock elements with 32 float32 lanes (4 AVX2 FMA accumulators
 // when the CPU has AVX2, else portable code the compiler vectorises), lanes combined pairwise in a fixed order,
 // block sums accumulated in double; chunk results are summed in order in double and rounded once to float32.
+// CPUs with AVX-512 run the same 32 lanes as two 16-lane accumulators (sumsq_avx512.cpp): identical bits, fewer
+// instructions per byte; DGG_FUSED_CPU_ISA=portable|avx2|avx512 overrides the run-time choice.
 // Threads (at::parallel_for) only decide *who* computes a chunk, never how it is summed.
 #include <Python.h>
 
@@ -32,6 +35,7 @@
 #endif
 
 #include "dgg_fused.h"
+#include "sumsq_cpu.h"
 
 extern "C" {
 // An importable, empty Python module: importing dgg_fused._C runs the static op registrations below.
@@ -45,7 +49,7 @@ namespace dgg {
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 16;  // elements per deterministic work item
-constexpr int64_t kBlock = 1024;              // elements per float32 block sum
+constexpr int64_t kBlock = cpu::kSumsqBlock;  // elements per float32 block sum
 constexpr int kLanes = 32;
 
 inline float to_float(float x) { return x; }
@@ -100,6 +104,8 @@ DGG_AVX2 float block_sumsq_avx2(const T* p, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    if constexpr (cpu::kPrefetchBytes<T> > 0)
+      _mm_prefetch(reinterpret_cast<const char*>(p + i) + cpu::kPrefetchBytes<T>, _MM_HINT_T0);
     const __m256 x0 = load8(p + i), x1 = load8(p + i + 8), x2 = load8(p + i + 16), x3 = load8(p + i + 24);
     a0 = _mm256_fmadd_ps(x0, x0, a0);
     a1 = _mm256_fmadd_ps(x1, x1, a1);
@@ -118,6 +124,7 @@ DGG_AVX2 float block_sumsq_avx2<c10::BFloat16>(const c10::BFloat16* p, int64_t n
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + i) + cpu::kPrefetchBytes<c10::BFloat16>, _MM_HINT_T0);
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 16));
     const __m256 x0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
@@ -131,19 +138,15 @@ DGG_AVX2 float block_sumsq_avx2<c10::BFloat16>(const c10::BFloat16* p, int64_t n
   }
   return finish_block(a0, a1, a2, a3, p, i, n);
 }
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
 #endif
 
+// isa: cpu::sumsq_isa(), read once per op call. AVX-512 (sumsq_avx512.cpp) gives the same bits as AVX2.
 template <typename T>
-double chunk_sumsq(const T* p, int64_t n) {
+double chunk_sumsq(const T* p, int64_t n, cpu::Isa isa) {
   double acc = 0.0;
 #ifdef DGG_X86
-  if (cpu_has_avx2()) {
+  if (isa == cpu::kAvx512) return cpu::chunk_sumsq_avx512(p, n);
+  if (isa == cpu::kAvx2) {
     for (int64_t b = 0; b < n; b += kBlock) acc += block_sumsq_avx2(p + b, std::min(kBlock, n - b));
     return acc;
   }
@@ -152,14 +155,14 @@ double chunk_sumsq(const T* p, int64_t n) {
   return acc;
 }
 
-double chunk_sumsq_any(const void* base, at::ScalarType dt, int64_t offset, int64_t n) {
+double chunk_sumsq_any(const void* base, at::ScalarType dt, int64_t offset, int64_t n, cpu::Isa isa) {
   switch (dt) {
     case at::kFloat:
-      return chunk_sumsq(static_cast<const float*>(base) + offset, n);
+      return chunk_sumsq(static_cast<const float*>(base) + offset, n, isa);
     case at::kBFloat16:
-      return chunk_sumsq(static_cast<const c10::BFloat16*>(base) + offset, n);
+      return chunk_sumsq(static_cast<const c10::BFloat16*>(base) + offset, n, isa);
     case at::kHalf:
-      return chunk_sumsq(static_cast<const c10::Half*>(base) + offset, n);
+      return chunk_sumsq(static_cast<const c10::Half*>(base) + offset, n, isa);
     default:
       TORCH_CHECK(false, "dgg_fused::_C_sumsq: unsupported dtype ", dt);
   }
@@ -183,6 +186,7 @@ void check_sumsq_inputs(const at::TensorList& tensors) {
 namespace {
 at::Tensor sumsq_cpu(at::TensorList tensors) {
   check_sumsq_inputs(tensors);
+  const cpu::Isa isa = cpu::sumsq_isa();
   // Dense (contiguous or merely permuted) tensors are read in place: a sum of squares does not care about order.
   // Anything else (strided slices, expanded views) is copied once; documented in docs/kernels.md.
   std::vector<at::Tensor> dense;
@@ -202,7 +206,7 @@ at::Tensor sumsq_cpu(at::TensorList tensors) {
       const int64_t chunk = task - first_task[i];
       const int64_t off = chunk * kChunk;
       const int64_t n = std::min(kChunk, dense[i].numel() - off);
-      partial[task] = chunk_sumsq_any(dense[i].data_ptr(), dense[i].scalar_type(), off, n);
+      partial[task] = chunk_sumsq_any(dense[i].data_ptr(), dense[i].scalar_type(), off, n, isa);
     }
   };
   if (n_tasks > 1) {

@@ -1,4 +1,4 @@
-// Host-side helpers shared by the CPU (dgg_fused.cpp) and CUDA (dgg_fused_cuda.cu) implementations.
+// Host-side helpers shared by the CPU (dgg_fused.cpp) and CUDA (cuda/ops_cuda.cpp) implementations.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,8 +1,10 @@
-// The DGG gate update as scalar code shared by the CPU op and the CUDA kernel (one thread runs it).
+// The DGG gate update as scalar code shared by the CPU op and the CUDA kernels (one thread runs it; for windows
+// above 128 the CUDA block kernel supplies the O(W) parts through gate_update_with's Window).
 //
-// It mirrors dgg_fused/gate.py::gate_step_ (the reference) operation by operation, in float32, so the two agree to
-// rounding of the window statistics (the reference sums with torch's reduction order, this sums left to right).
-// Keep the two in step: tests/test_epilogue.py compares them on random and adversarial sequences.
+// It mirrors dgg_fused/gate/reference.py (the reference) operation by operation, in float32 (the window's mean
+// absolute value in float64, so that it cannot overflow), so the two agree to rounding of the window statistics
+// (the reference sums with torch's reduction order, this sums left to right). Keep the two in step:
+// tests/test_gate.py compares them on random and adversarial sequences.
 #pragma once
 
 #include <cmath>
@@ -16,7 +18,7 @@
 
 namespace dgg {
 
-// Must match GateConfig.STATISTICS / REFERENCES order.
+// The codes of dgg_fused.config.Statistic / Reference (tests/test_gate.py parses these two lines and checks them).
 enum Statistic : int64_t { kEnergy = 0, kIncrement = 1, kBoth = 2 };
 enum Reference : int64_t { kFirstPass = 0, kAccepted = 1, kAll = 2 };
 
@@ -43,14 +45,14 @@ struct GateArgs {
 DGG_HD inline float clamp_min_f(float a, float b) { return a < b ? b : a; }  // torch.clamp: NaN stays NaN
 DGG_HD inline bool finite_f(float x) { return x - x == 0.0f; }  // false for NaN and +-inf (no fast-math)
 
-// Z-score of x against the last `filled` entries of row (see gate.py::zscore).
+// Z-score of x against the last `filled` entries of row (see dgg_fused/gate/reference.py::zscore).
 DGG_HD inline float zscore(const float* row, int64_t W, int64_t filled, float x, float std_floor) {
   const float tiny = 1.17549435082228750797e-38f;  // torch.finfo(torch.float32).tiny
   const int64_t first = W - filled;
   const float n = static_cast<float>(filled < 1 ? 1 : filled);
-  float abs_sum = 0.0f;
-  for (int64_t j = first; j < W; ++j) abs_sum += fabsf(row[j]);
-  const float scale = clamp_min_f(abs_sum / n, tiny);
+  double abs_sum = 0.0;  // float64: the sum of W finite float32 values cannot overflow
+  for (int64_t j = first; j < W; ++j) abs_sum += fabs(static_cast<double>(row[j]));
+  const float scale = clamp_min_f(static_cast<float>(abs_sum / static_cast<double>(n)), tiny);
   float v_sum = 0.0f;
   for (int64_t j = first; j < W; ++j) v_sum += row[j] / scale;
   const float mean = v_sum / n;
@@ -70,7 +72,16 @@ DGG_HD inline void push(float* row, int64_t W, float x) {
   row[W - 1] = x;
 }
 
-DGG_HD inline void gate_update(const GateArgs& a) {
+// Serial window helpers: the default of gate_update_with (the CPU op and the CUDA kernel for small windows).
+struct SerialWindow {
+  DGG_HD float z(const float* row, int64_t W, int64_t filled, float x, float std_floor) const {
+    return zscore(row, W, filled, x, std_floor);
+  }
+  DGG_HD void push_row(float* row, int64_t W, float x) const { push(row, W, x); }
+};
+
+// The energy: partials summed left to right in double, rounded to float32, divided by grad_scale**2.
+DGG_HD inline float gate_energy(const GateArgs& a) {
   double acc = 0.0;
   for (int64_t i = 0; i < a.n_partials; ++i) acc += static_cast<double>(a.partials[i]);
   float e = static_cast<float>(acc);
@@ -78,6 +89,14 @@ DGG_HD inline void gate_update(const GateArgs& a) {
     const float s = *a.grad_scale;
     e = e / (s * s);
   }
+  return e;
+}
+
+// The rule; `win` supplies the two O(W) parts (z-score of a row, push onto a row), so the CUDA kernel for large
+// windows can compute them with a whole block while this scalar code runs once (csrc/cuda/kernels.cu).
+template <class Window>
+DGG_HD inline void gate_update_with(const GateArgs& a, const Window& win) {
+  const float e = gate_energy(a);
   const bool finite = finite_f(e);
   const bool stopped_before = *a.stopped;
   bool observed = !stopped_before;
@@ -89,8 +108,8 @@ DGG_HD inline void gate_update(const GateArgs& a) {
 
   const float inc = e - *a.prev_energy;
   const bool inc_ok = finite_f(inc);
-  const float z_e = zscore(row_e, W, a.filled[0], e, a.std_floor);
-  const float z_i = zscore(row_i, W, a.filled[1], inc, a.std_floor);
+  const float z_e = win.z(row_e, W, a.filled[0], e, a.std_floor);
+  const float z_i = win.z(row_i, W, a.filled[1], inc, a.std_floor);
   const bool full_e = a.filled[0] >= W;
   const bool full_i = a.filled[1] >= W;
   float z;
@@ -121,8 +140,8 @@ DGG_HD inline void gate_update(const GateArgs& a) {
   }
   const bool enter_e = enter && finite;
   const bool enter_i = enter && finite && inc_ok;
-  if (enter_e) push(row_e, W, e);
-  if (enter_i) push(row_i, W, inc);
+  if (enter_e) win.push_row(row_e, W, e);
+  if (enter_i) win.push_row(row_i, W, inc);
   a.filled[0] = a.filled[0] + (enter_e ? 1 : 0) > W ? W : a.filled[0] + (enter_e ? 1 : 0);
   a.filled[1] = a.filled[1] + (enter_i ? 1 : 0) > W ? W : a.filled[1] + (enter_i ? 1 : 0);
   if (observed && finite) *a.prev_energy = e;
@@ -137,5 +156,7 @@ DGG_HD inline void gate_update(const GateArgs& a) {
   a.last[3] = skip;
   *a.skip = skip;
 }
+
+DGG_HD inline void gate_update(const GateArgs& a) { gate_update_with(a, SerialWindow{}); }
 
 }  // namespace dgg

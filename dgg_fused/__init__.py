@@ -2,6 +2,9 @@
 
     from dgg_fused import GatedOptimizer
     opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head)
+
+Importing it loads neither ``torch._dynamo`` nor triton (tests/test_import.py); the compiled extension and the
+Triton kernels are loaded when a backend first needs them.
 """
 
 from .config import COMBINES, DRIFT_RULES, DRIFT_STATS, REFERENCES, STATISTICS, GateConfig

@@ -8,10 +8,12 @@ The exact rule these fields parameterise is written down in ``docs/rule.md``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
+from enum import IntEnum
 from typing import Any, Mapping
 
-__all__ = ["GateConfig", "STATISTICS", "REFERENCES", "DRIFT_STATS", "DRIFT_RULES", "COMBINES"]
+__all__ = ["GateConfig", "STATISTICS", "REFERENCES", "DRIFT_STATS", "DRIFT_RULES", "COMBINES", "Statistic", "Reference"]
 
 #: What the Z-score is taken of. ``"energy"``: the lm_head gradient energy E_t = ||g_t||^2.
 #: ``"increment"``: its step-wise increment E_t - E_{t-1}. ``"both"``: the larger of the two Z-scores.
@@ -35,6 +37,28 @@ DRIFT_RULES = ("threshold", "zscore")
 #: How the energy rule and the drift rule combine when both are on: ``"any"`` trips when either trips;
 #: ``"all"`` only when both do.
 COMBINES = ("any", "all")
+
+
+class Statistic(IntEnum):
+    """Integer code of each :data:`STATISTICS` name: the one encoding every implementation of the rule shares (the
+    C++ ``dgg::Statistic`` enum in csrc/gate_epilogue.h and the Triton epilogue's constexprs are checked against it
+    by tests/test_gate.py)."""
+
+    ENERGY = 0
+    INCREMENT = 1
+    BOTH = 2
+
+
+class Reference(IntEnum):
+    """Integer code of each :data:`REFERENCES` name (shared like :class:`Statistic`)."""
+
+    FIRST_PASS = 0
+    ACCEPTED = 1
+    ALL = 2
+
+
+assert [s.name.lower() for s in Statistic] == list(STATISTICS)
+assert [r.name.lower() for r in Reference] == list(REFERENCES)
 
 
 @dataclass(frozen=True)
@@ -77,11 +101,11 @@ class GateConfig:
     def __post_init__(self) -> None:
         _check_int("window", self.window, 2, 65536)
         _check_int("max_reuse", self.max_reuse, 1, 1024)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+        if not is_real(self.tau):
             raise ValueError(f"GateConfig.tau must be a real number > 0, got {self.tau!r}")
         if not math.isfinite(self.tau) or self.tau <= 0:
             raise ValueError(f"GateConfig.tau must be finite and > 0, got {self.tau!r}")
-        if isinstance(self.std_floor, bool) or not isinstance(self.std_floor, (int, float)):
+        if not is_real(self.std_floor):
             raise ValueError(f"GateConfig.std_floor must be a real number in [0, 1), got {self.std_floor!r}")
         if not (0.0 <= self.std_floor < 1.0):
             raise ValueError(f"GateConfig.std_floor must be in [0, 1), got {self.std_floor!r}")
@@ -97,16 +121,33 @@ class GateConfig:
             raise ValueError("GateConfig: energy=False needs a drift statistic (drift=...), else nothing is watched")
         if self.drift_rule not in DRIFT_RULES:
             raise ValueError(f"GateConfig.drift_rule must be one of {DRIFT_RULES}, got {self.drift_rule!r}")
-        if isinstance(self.drift_threshold, bool) or not isinstance(self.drift_threshold, (int, float)):
+        if not is_real(self.drift_threshold):
             raise ValueError(f"GateConfig.drift_threshold must be a real number > 0, got {self.drift_threshold!r}")
         if not math.isfinite(self.drift_threshold) or self.drift_threshold <= 0:
             raise ValueError(f"GateConfig.drift_threshold must be finite and > 0, got {self.drift_threshold!r}")
         if self.combine not in COMBINES:
             raise ValueError(f"GateConfig.combine must be one of {COMBINES}, got {self.combine!r}")
-        # Normalise numeric types so that asdict()/from_dict() round-trips exactly.
+        # Normalise numeric types (numpy scalars included) so that asdict()/from_dict() round-trips exactly.
+        object.__setattr__(self, "window", int(self.window))
+        object.__setattr__(self, "max_reuse", int(self.max_reuse))
         object.__setattr__(self, "drift_threshold", float(self.drift_threshold))
         object.__setattr__(self, "tau", float(self.tau))
         object.__setattr__(self, "std_floor", float(self.std_floor))
+
+    @property
+    def uses_drift(self) -> bool:
+        """The gate watches a drift statistic (then the rule runs in its reference implementation)."""
+        return self.drift is not None or not self.energy
+
+    @property
+    def statistic_code(self) -> Statistic:
+        """:attr:`statistic` as its shared integer code."""
+        return Statistic[self.statistic.upper()]
+
+    @property
+    def reference_code(self) -> Reference:
+        """:attr:`reference` as its shared integer code."""
+        return Reference[self.reference.upper()]
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-serialisable), the form stored in checkpoints."""
@@ -122,8 +163,18 @@ class GateConfig:
         return cls(**dict(d))
 
 
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool: what every integer argument of the library accepts."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def is_real(value: Any) -> bool:
+    """A real number (Python or numpy int/float), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ValueError(f"GateConfig.{name} must be an int in [{lo}, {hi}], got {value!r}")
     if not (lo <= value <= hi):
         raise ValueError(f"GateConfig.{name} must be in [{lo}, {hi}], got {value}")

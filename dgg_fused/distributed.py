@@ -22,13 +22,12 @@ The all-reduce is issued on the gradients' device (NCCL: on the current stream, 
 result is bit-identical on every rank, so the gate's decisions are too. Build the optimizer and the
 :class:`~dgg_fused.GatedOptimizer` *after* ``fully_shard`` / ``parallelize_module`` (they replace the parameters).
 
-**Checkpoints with torch.distributed.checkpoint (DCP):** use :func:`get_state_dict` / :func:`set_state_dict` here
-instead of torch's ``torch.distributed.checkpoint.state_dict`` functions with the wrapper. Torch's versions would
-drop the gate's ``"dgg"`` entry, and on a fresh optimizer they initialise the state by calling ``step()`` once with
-zero gradients -- through the gate, which would count that step and put a zero energy in its window.
+**Checkpoints with torch.distributed.checkpoint (DCP):** :func:`get_state_dict` / :func:`set_state_dict` (defined
+in :mod:`dgg_fused.checkpoint`, re-exported here).
 
-:meth:`GatedOptimizer._measure_energy` calls :func:`global_grad_sumsq`; without DTensors and without an energy group
-it is exactly :func:`dgg_fused.grad_sumsq`.
+:class:`dgg_fused.energy.EnergyMeter` calls :func:`global_grad_sumsq` for DTensor gradients and an energy group;
+without them it is exactly :func:`dgg_fused.grad_sumsq`. This module imports neither the optimizer nor the energy
+module (they import it).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .checkpoint import _as_gated, get_state_dict, set_state_dict
 from .ops import grad_sumsq
 
 __all__ = ["global_grad_sumsq", "set_energy_group", "is_dtensor", "get_state_dict", "set_state_dict"]
@@ -58,14 +58,13 @@ def set_energy_group(optimizer: Any, group: Any) -> None:
     """Make ``optimizer`` (a :class:`~dgg_fused.GatedOptimizer`) all-reduce the energy of its plain-tensor lm_head
     gradients over ``group`` (a vocab-parallel lm_head sharded by hand). ``None`` turns it off.
 
-    DTensor gradients need no group: their mesh says where they are sharded.
+    DTensor gradients need no group: their mesh says where they are sharded. Same as ``optimizer.energy_group =
+    group`` or the ``energy_group=`` constructor argument.
     """
-    from .optimizer import GatedOptimizer
-
-    if not isinstance(optimizer, GatedOptimizer):
-        raise TypeError(f"set_energy_group expects a GatedOptimizer, got {type(optimizer).__name__}")
-    if group is not None and not dist.is_initialized():
-        raise RuntimeError("set_energy_group: torch.distributed is not initialized")
+    try:
+        _as_gated(optimizer)
+    except TypeError:
+        raise TypeError(f"set_energy_group expects a GatedOptimizer, got {type(optimizer).__name__}") from None
     optimizer.energy_group = group
 
 
@@ -119,47 +118,3 @@ def global_grad_sumsq(
     for p in parts[1:]:
         total = total + p.to(device)
     return total.to(torch.float32)
-
-
-def get_state_dict(model: torch.nn.Module, optimizer: Any, *, options: Any = None) -> tuple[dict, dict]:
-    """``torch.distributed.checkpoint.state_dict.get_state_dict`` for a :class:`~dgg_fused.GatedOptimizer`.
-
-    Returns ``(model_state_dict, optim_state_dict)``: torch's FQN-keyed (sharded) state dicts of the model and of the
-    *inner* optimizer, plus the gate's state under ``optim_state_dict["dgg"]`` (small plain tensors, identical on
-    every rank). Save them with ``torch.distributed.checkpoint.save``; to resume, build the same structure on the
-    fresh model/optimizer with this function, ``dcp.load`` into it, then call :func:`set_state_dict`.
-    """
-    from torch.distributed.checkpoint import state_dict as dcp_sd
-
-    gated = _as_gated(optimizer)
-    msd, osd = dcp_sd.get_state_dict(model, gated.optimizer, options=options)
-    osd = dict(osd)
-    osd[_DGG_KEY] = gated.state_dict()[_DGG_KEY]
-    return msd, osd
-
-
-def set_state_dict(
-    model: torch.nn.Module, optimizer: Any, *, model_state_dict: dict, optim_state_dict: dict, options: Any = None
-) -> None:
-    """Inverse of :func:`get_state_dict`: load the model, the inner optimizer and the gate."""
-    from torch.distributed.checkpoint import state_dict as dcp_sd
-
-    gated = _as_gated(optimizer)
-    osd = dict(optim_state_dict)
-    dgg = osd.pop(_DGG_KEY, None)
-    dcp_sd.set_state_dict(
-        model, gated.optimizer, model_state_dict=model_state_dict, optim_state_dict=osd, options=options
-    )
-    if dgg is not None:  # validated (window, format) before anything of the gate is written
-        gated.load_state_dict({**gated.optimizer.state_dict(), _DGG_KEY: dgg})
-
-
-_DGG_KEY = "dgg"
-
-
-def _as_gated(optimizer: Any) -> Any:
-    from .optimizer import GatedOptimizer
-
-    if not isinstance(optimizer, GatedOptimizer):
-        raise TypeError(f"expected a GatedOptimizer, got {type(optimizer).__name__}")
-    return optimizer

@@ -37,7 +37,8 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool = True) -> nn.Module:
     """Return the output projection of ``model``.
 
     Uses Hugging Face's ``get_output_embeddings()`` when the model has it, else the first of the attributes
-    ``lm_head``, ``embed_out``, ``output``, ``output_layer``, ``head`` that is a module with a ``weight``.
+    ``lm_head``, ``embed_out``, ``output``, ``output_layer``, ``head`` that looks like an output projection: a
+    module with a 2-D ``weight`` whose rows match the input embedding's vocabulary when the model has one.
 
     When the output embedding is tied to the input embedding (``tie_word_embeddings=True``, e.g. Qwen2.5-0.5B,
     Gemma), a :class:`TiedLmHeadWarning` says so: the gate then sees the energy of the *shared* matrix's gradient,
@@ -58,9 +59,13 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool = True) -> nn.Module:
         except (NotImplementedError, AttributeError):
             head = None
     if head is None:
+        emb = _input_embedding(model)
+        w_in = getattr(emb, "weight", None) if emb is not None else None
+        vocab = w_in.shape[0] if w_in is not None and w_in.dim() == 2 else None
         for name in _FALLBACK_NAMES:
             cand = getattr(model, name, None)
-            if isinstance(cand, nn.Module) and getattr(cand, "weight", None) is not None:
+            w = getattr(cand, "weight", None) if isinstance(cand, nn.Module) else None
+            if w is not None and w.dim() == 2 and (vocab is None or w.shape[0] == vocab):
                 head = cand
                 break
     if head is None:

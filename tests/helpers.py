@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class TinyLM(nn.Module):
@@ -82,65 +80,6 @@ def assert_bit_identical(a: tuple[dict, dict], b: tuple[dict, dict], what: str =
 
 
 # ------------------------------------------------------------------ host-sync recorder
-_SYNC_OPS = {
-    "aten::_local_scalar_dense",  # .item(), bool(t), float(t), int(t), `if t`
-    "aten::equal",
-    "aten::nonzero",
-    "aten::nonzero_static",
-    "aten::masked_select",
-    "aten::unique",
-    "aten::_unique2",
-    "aten::repeat_interleave",
-}
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Records every op that synchronises the host with the device.
-
-    On CPU nothing really syncs, so we record the ops that *would* sync on an accelerator: the ops in
-    ``_SYNC_OPS``, indexing with a boolean mask, device-to-host copies, and (patched in :func:`record_syncs`)
-    ``Tensor.tolist`` / ``Tensor.numpy``, which dispatch nothing on CPU but sync on CUDA.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        if name in _SYNC_OPS:
-            self.events.append(name)
-        elif name in ("aten::index", "aten::index_put_", "aten::index_put"):
-            idx = args[1] if len(args) > 1 else []
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (idx or [])):
-                self.events.append(name + "(bool mask)")
-        elif name in ("aten::copy_", "aten::_to_copy"):
-            src = args[1] if name == "aten::copy_" else args[0]
-            dst_dev = args[0].device if name == "aten::copy_" else kwargs.get("device", src.device)
-            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and torch.device(dst_dev).type == "cpu":
-                if not kwargs.get("non_blocking", False):
-                    self.events.append(name + "(device->host)")
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def record_syncs():
-    rec = SyncRecorder()
-    orig = {"tolist": torch.Tensor.tolist, "numpy": torch.Tensor.numpy}
-
-    def wrap(name):
-        def f(self, *a, **k):
-            rec.events.append(f"Tensor.{name}")
-            return orig[name](self, *a, **k)
-
-        return f
-
-    torch.Tensor.tolist = wrap("tolist")
-    torch.Tensor.numpy = wrap("numpy")
-    try:
-        with rec:
-            yield rec
-    finally:
-        torch.Tensor.tolist = orig["tolist"]
-        torch.Tensor.numpy = orig["numpy"]
+# The one detector, shared with the benchmarks: dgg_fused.testing (host copies, printing, syncs inside custom ops,
+# and torch's sync debug mode on CUDA).
+from dgg_fused.testing import SyncRecorder, record_syncs  # noqa: E402,F401

@@ -44,3 +44,15 @@ def test_report_renders_committed_results():
     for heading in ("Machine:", "### Energy op bandwidth", "### Gate overhead per optimizer step", "### Targets"):
         assert heading in text
     assert "| Qwen2.5-7B" in text
+    # the rows and targets of issue 12: the compiled kernel alone, the read and floor rows, the floor-based target
+    for needle in ("kernel[cpp]", "lm_head read alone", "sync-free floor", "max(1.5 x floor, floor + 1 point)"):
+        assert needle in text, needle
+
+
+def test_report_merges_runs():
+    report = _report_module()
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmarks": [], "machine_info": {}}
+    one = dict(data, benchmarks=data["benchmarks"][:1])
+    two = dict(data, benchmarks=data["benchmarks"][1:])
+    merged = report.merge([one, two])
+    assert [b.get("name") for b in merged["benchmarks"]] == [b.get("name") for b in data["benchmarks"]]

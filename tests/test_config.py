@@ -1,14 +1,14 @@
-"""GateConfig validation and find_lm_head."""
+"""dgg_fused.config: GateConfig validation, numpy numbers, the shared codes."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import torch
-from torch import nn
+import numpy as np
 
-from dgg_fused import GateConfig, TiedLmHeadWarning, find_lm_head, is_tied
+from dgg_fused import GateConfig
+from dgg_fused.config import REFERENCES, STATISTICS, Reference, Statistic
 
 
 @pytest.mark.parametrize(
@@ -38,45 +38,20 @@ def test_defaults_frozen_and_round_trip():
         GateConfig.from_dict({**c2.to_dict(), "alpha": 1})
 
 
-def _llama(tie: bool):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
+def test_numpy_numbers_are_accepted_like_python_ones():
+    c = GateConfig(window=np.int64(5), tau=np.float32(0.5), max_reuse=np.int32(3), std_floor=np.float64(0.01))
+    assert c == GateConfig(window=5, tau=0.5, max_reuse=3, std_floor=0.01)
+    assert type(c.window) is int and type(c.tau) is float
+    assert GateConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="GateConfig.window"):
+        GateConfig(window=np.bool_(True))
+    with pytest.raises(ValueError, match="GateConfig.window"):
+        GateConfig(window=np.float64(4.0))
 
 
-def test_find_lm_head_hf_untied():
-    model = _llama(tie=False)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        head = find_lm_head(model)
-    assert head is model.lm_head and not is_tied(model, head)
-
-
-def test_find_lm_head_hf_tied_warns():
-    model = _llama(tie=True)
-    with pytest.warns(TiedLmHeadWarning, match="tied"):
-        head = find_lm_head(model)
-    assert is_tied(model, head)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        find_lm_head(model, warn_tied=False)
-
-
-def test_find_lm_head_plain_modules():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.output = nn.Linear(4, 8)
-
-    net = Net()
-    assert find_lm_head(net) is net.output
-    with pytest.raises(ValueError, match="pass lm_head= explicitly"):
-        find_lm_head(nn.Sequential(nn.Linear(2, 2)))
-    with pytest.raises(TypeError):
-        find_lm_head("model")  # type: ignore[arg-type]
+def test_shared_codes_follow_the_name_tuples():
+    assert [int(s) for s in Statistic] == list(range(len(STATISTICS)))
+    assert [s.name.lower() for s in Statistic] == list(STATISTICS)
+    assert [r.name.lower() for r in Reference] == list(REFERENCES)
+    assert GateConfig(statistic="both", reference="accepted").statistic_code is Statistic.BOTH
+    assert GateConfig(statistic="both", reference="accepted").reference_code is Reference.ACCEPTED

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from dgg_fused import GateConfig, GatedOptimizer
-from dgg_fused.ops import available_backends, grad_sumsq, resolve_backend, resolve_epilogue
+from dgg_fused.gate import resolve_impl
+from dgg_fused.ops import available_backends, grad_sumsq, resolve_backend
+from dgg_fused.ops.reference import grad_sumsq_reference
 from helpers import batch, loss_fn, make_model
-from test_epilogue import CONFIGS, run_and_compare, sequence
+from gate_harness import CONFIGS, run_and_compare, sequence
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,13 +28,13 @@ SHAPES = {"qwen0.5b": (151936, 896), "llama3-8b": (128256, 4096), "qwen7b": (152
 
 
 def _ref64(ts):
-    return sum((t.double().square().sum() for t in ts), torch.zeros((), dtype=torch.float64, device=ts[0].device))
+    return grad_sumsq_reference(ts, out_dtype=torch.float64)
 
 
 def test_auto_choices_on_cuda():
     dev = torch.device("cuda")
     assert resolve_backend("auto", dev, [torch.bfloat16]) == GPU_BACKENDS[0]
-    assert resolve_epilogue("auto", dev) in ("triton", "cuda")
+    assert resolve_impl("auto", dev) in ("triton", "cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -174,7 +176,7 @@ def test_gated_step_inside_cuda_graph():
 
 def test_two_launches_per_gated_step():
     """With the Triton backend the energy's stage 1 and the fused epilogue are the only kernels the gate adds."""
-    if resolve_epilogue("auto", torch.device("cuda")) != "triton":
+    if resolve_impl("auto", torch.device("cuda")) != "triton":
         pytest.skip("Triton not available")
     model, opt = _cuda_model_and_opt(None, inner=lambda p: torch.optim.SGD(p, lr=1e-2, fused=True))
     loss_fn(model, _cuda_batch(0)).backward()
@@ -188,3 +190,65 @@ def test_two_launches_per_gated_step():
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     ours = [k for k in kernels if "sgd" not in k.lower()]
     assert sorted(ours) == ["_gate_epilogue_kernel", "_sumsq_partials_kernel"], kernels
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="Triton not available")
+def test_triton_grid_is_one_wave_and_does_not_change_the_bits():
+    from dgg_fused.ops import triton_sumsq as ts
+
+    x = (torch.randn(SHAPES["qwen0.5b"], device="cuda") * 1e-3).bfloat16()
+    ref = ts.sumsq([x])  # first launch: the kernel's registers become known
+    slots = ts._SLOTS[(x.device.index, True)]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    assert slots % sms == 0 and slots // sms >= 4, (slots, sms)
+    for programs in (1, 7, slots - 1, slots, None):
+        assert torch.equal(ts.sumsq([x], programs=programs), ref), programs
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="Triton not available")
+def test_triton_tables_no_copies_with_reallocated_grads():
+    """zero_grad(set_to_none=True) every step: after the first steps no host-to-device copy per step, and a CUDA
+    graph captured after a warm-up keeps no pinned memory."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    model, _ = _cuda_model_and_opt(None)
+    batches = [_cuda_batch(b) for b in range(3)]  # host-to-device copies of the batches: before profiling
+
+    def steps():
+        for bt in batches:
+            loss_fn(model, bt).backward()
+            ts.sumsq([model.lm_head.weight.grad, model.lm_head.bias.grad])
+            model.zero_grad(set_to_none=True)
+
+    steps()  # the tables of the address sets the allocator hands out
+    steps()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        steps()
+        torch.cuda.synchronize()
+    h2d = [e.name for e in prof.events() if "memcpy" in e.name.lower() and "htod" in e.name.lower().replace(" ", "")]
+    assert not h2d, h2d
+    x = torch.randn(100_000, device="cuda")
+    ts.sumsq([x])  # warm-up outside the capture: tables built
+    n_pinned = len(ts._PINNED_FOR_GRAPHS)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ts.sumsq([x])
+    g.replay()
+    torch.cuda.synchronize()
+    assert len(ts._PINNED_FOR_GRAPHS) == n_pinned
+    assert torch.equal(out, ts.sumsq([x]))
+
+
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="extension without CUDA kernels")
+@pytest.mark.parametrize(("window", "steps"), [(300, 700), (5000, 40)])
+def test_cuda_epilogue_large_windows_block_kernel(window, steps):
+    """Windows above 128 take the block-parallel CUDA gate update (block-wide window sums and push): same state as
+    the reference, z within the harness tolerance; the 300-window run fills the window, so the gate trips."""
+    from dgg_fused.config import GateConfig
+
+    cfg = GateConfig(window=window, tau=0.37, statistic="both", reference="accepted", max_reuse=4, std_floor=1e-3)
+    trips = run_and_compare("cuda", cfg, sequence(11, n=steps, adversarial=False), device="cuda")
+    if steps > window:
+        assert trips > 0
+    run_and_compare("cuda", cfg, sequence(12, n=min(steps, 80), adversarial=True), partials_split=3, device="cuda")

@@ -15,11 +15,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch
 
 from dgg_fused.ops import available_backends, grad_sumsq, grad_sumsq_reference
-from test_epilogue import CONFIGS, run_and_compare, sequence
+from gate_harness import CONFIGS, run_and_compare, sequence
 
 
 def _ref(ts):
-    return sum((t.double().square().sum() for t in ts), torch.zeros((), dtype=torch.float64))
+    return grad_sumsq_reference(ts, out_dtype=torch.float64)
 
 
 def test_triton_is_available_on_cpu_when_interpreted():
@@ -96,4 +96,116 @@ def test_grad_sumsq_partials_add_up_to_the_energy():
 
 def test_opcheck_triton_backend():
     for ts in ([torch.randn(33)], [torch.randn(4, 5).bfloat16(), torch.randn(0)]):
-        torch.library.opcheck(torch.ops.dgg_fused.grad_sumsq.default, (ts, "triton"))
+        torch.library.opcheck(torch.ops.dgg_fused.sumsq_triton.default, (ts,))
+
+
+def _multi_tile_inputs():
+    g = torch.Generator().manual_seed(5)
+    # ~10 tiles; a tensor ending mid-tile, tiles spanning several tensors, a masked tail, three dtypes
+    return [torch.randn(200_003, generator=g), torch.randn(3, 1000, generator=g).bfloat16(),
+            torch.randn(70_001, generator=g).half(), torch.randn(40_000, generator=g).bfloat16()]
+
+
+def test_triton_result_does_not_depend_on_the_grid():
+    from dgg_fused.ops import triton_sumsq as ts
+
+    tensors = _multi_tile_inputs()
+    tiles = ts.plan([t.numel() for t in tensors])[0]
+    assert tiles >= 8
+    base = ts.sumsq_partials(tensors)
+    assert base.numel() == tiles
+    for programs in (1, 3, tiles - 1, 10 * tiles):  # a program sums 1..tiles tiles, strided
+        assert torch.equal(ts.sumsq_partials(tensors, programs=programs), base), programs
+        assert torch.equal(ts.sumsq(tensors, programs=programs), ts.sumsq(tensors)), programs
+    torch.testing.assert_close(ts.sumsq(tensors).double(), _ref(tensors), rtol=2e-6, atol=0)
+
+
+def test_sum_partials_fixed_order_beyond_one_block():
+    """More partials than one PB-wide load (the loop in sum_partials): integer-valued, so the float64 sum is exact."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    parts = torch.randint(0, 2**20, (3001,)).float()
+    out = torch.empty((), dtype=torch.float32)
+    ts._sumsq_finalize_kernel[(1,)](parts, parts.numel(), out, PB=ts.partials_block(parts.numel()))
+    assert torch.equal(out, parts.double().sum().float())
+
+
+def test_triton_epilogue_sums_partials_like_the_finalize_kernel():
+    from dgg_fused.config import GateConfig
+    from dgg_fused.gate import GateState, gate_step_
+    from dgg_fused.ops import triton_sumsq as ts
+
+    parts = torch.rand(2500, generator=torch.Generator().manual_seed(2)) * 1e3  # > 1024 partials: several loads
+    energy = torch.empty((), dtype=torch.float32)
+    ts._sumsq_finalize_kernel[(1,)](parts, parts.numel(), energy, PB=ts.partials_block(parts.numel()))
+    st = GateState.create(2, "cpu")
+    gate_step_(st, parts, GateConfig(window=2), impl="triton")
+    assert torch.equal(st.last[0], energy)
+
+
+def test_table_cache_survives_reallocated_gradients(monkeypatch):
+    """zero_grad(set_to_none=True) reallocates gradients: the layout tables are kept, an address table is built per
+    new address set, and a few address sets that repeat (as the caching allocator hands back the same blocks)
+    build nothing after the first round."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    built = []
+    real = ts._to_device
+    monkeypatch.setattr(ts, "_to_device", lambda values, device: built.append(len(values)) or real(values, device))
+    monkeypatch.setattr(ts, "_LAYOUTS", type(ts._LAYOUTS)())
+    shapes = [(3000,), (50, 7), (70_001,)]
+    pools = [[torch.randn(s) for s in shapes] for _ in range(3)]  # three "allocations" of the same gradients
+    ref = [ts.sumsq(p) for p in pools]
+    n_tensors = len(shapes)
+    assert built == [3 * n_tensors + 2 * ts.plan([3000, 350, 70_001])[0], n_tensors, n_tensors, n_tensors]
+    built.clear()
+    for _ in range(3):  # steady state: addresses cycle among known sets, no table is built
+        for p, r in zip(pools, ref):
+            assert torch.equal(ts.sumsq(p), r)
+    assert built == []
+    fresh = [torch.randn(s) for s in shapes]  # a new address set: one address table, the layout is reused
+    ts.sumsq(fresh)
+    assert built == [n_tensors]
+    assert len(ts._LAYOUTS) == 1 and len(next(iter(ts._LAYOUTS.values())).addresses) <= ts._Layout.MAX_ADDRESS_SETS
+
+
+def test_optimizer_with_triton_backend_takes_the_partials_path():
+    """backend="triton": the energy is handed to the gate as stage-1 partials, the Triton epilogue adds them (the
+    CUDA fast path, here interpreted); decisions and energies equal the reference backend's, also with a scale."""
+    from dgg_fused import GateConfig, GatedOptimizer
+    from dgg_fused.energy import EnergyMeter
+
+    def run(backend, scaled=False):
+        torch.manual_seed(0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0) if scaled else None
+        model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11))
+        opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), lm_head=model[1],
+                             config=GateConfig(window=2, tau=2.0), backend=backend)
+        out = []
+        for b in range(4):
+            for k in opt.passes(2):
+                ids = torch.arange(11) % (b + 3)
+                loss = torch.nn.functional.cross_entropy(model(ids), ids) * (40.0 if (b, k) == (3, 2) else 1.0)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # the scale reaches the Triton epilogue, which divides by it in the same launch
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                opt.zero_grad()
+                m = opt.get_metrics()
+                out.append((m["energy"], m["skipped"]))
+        return opt, out
+
+    opt, tri = run("triton")
+    assert opt._gate_impl == "triton"
+    meter = EnergyMeter([torch.nn.Parameter(torch.ones(300))], backend="triton")
+    meter.params[0].grad = torch.ones(300)
+    assert meter.measure().value.dim() == 1  # partials
+    _, ref = run("torch")
+    _, tri_scaled = run("triton", scaled=True)
+    for got in (tri, tri_scaled):
+        assert [s for _, s in got] == [s for _, s in ref] and any(s for _, s in got)
+        for (a, _), (b, _) in zip(got, ref):
+            assert abs(a - b) <= 1e-5 * abs(b)

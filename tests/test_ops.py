@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dgg_fused
-from dgg_fused.ops import BACKENDS, available_backends, grad_sumsq, resolve_backend
+from dgg_fused.ops import BACKENDS, available_backends, grad_sumsq, grad_sumsq_reference, resolve_backend
 
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,7 +23,7 @@ FLOOR_ULPS = {torch.float32: 4, torch.bfloat16: 4, torch.float16: 4}
 
 
 def _ref64(ts):
-    return sum((t.double().square().sum() for t in ts), torch.zeros((), dtype=torch.float64))
+    return grad_sumsq_reference(ts, out_dtype=torch.float64)
 
 
 def _torch_same_dtype(ts):
@@ -101,18 +101,32 @@ def test_cpp_large_values_and_nonfinite():
     assert torch.isinf(grad_sumsq([torch.tensor([1.0, float("inf")]).bfloat16()], backend="cpp"))
 
 
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="dgg_fused._C not built")
 def test_opcheck():
-    for backend in CPU_BACKENDS:
-        for ts in ([torch.randn(33)], [torch.randn(4, 5).bfloat16(), torch.randn(0)], [torch.randn(7).half()]):
-            torch.library.opcheck(torch.ops.dgg_fused.grad_sumsq.default, (ts, backend))
+    from dgg_fused.ops import kernel
+
+    kernel("cpp")  # registers the compiled op's fake
+    for ts in ([torch.randn(33)], [torch.randn(4, 5).bfloat16(), torch.randn(0)], [torch.randn(7).half()]):
+        torch.library.opcheck(torch.ops.dgg_fused._C_sumsq.default, (ts,))
 
 
-def test_under_torch_compile():
+def test_one_schema_per_op_and_no_backend_argument():
+    """Each sum-of-squares op takes only tensors: the backend is chosen before an op is called, never inside one."""
+    import dgg_fused.ops  # noqa: F401  (defines the Triton ops)
+
+    for name in ("sumsq_triton", "sumsq_partials_triton") + (("_C_sumsq",) if "cpp" in CPU_BACKENDS else ()):
+        schema = getattr(torch.ops.dgg_fused, name).default._schema
+        assert [a.name for a in schema.arguments] == ["tensors"], schema
+    assert not hasattr(torch.ops.dgg_fused, "grad_sumsq")
+
+
+@pytest.mark.parametrize("backend", ["auto"] + CPU_BACKENDS)
+def test_under_torch_compile(backend):
     ts = [torch.randn(100), torch.randn(7, 3)]
 
     @torch.compile(backend="eager", fullgraph=True)
     def f(a, b):
-        return torch.ops.dgg_fused.grad_sumsq([a * 2, b], CPU_BACKENDS[0])
+        return grad_sumsq([a * 2, b], backend=backend)
 
     torch.testing.assert_close(f(*ts), grad_sumsq([ts[0] * 2, ts[1]]), rtol=1e-6, atol=0)
 

@@ -51,3 +51,34 @@ def test_step_is_sync_free_and_exact_on_cuda(make_inner):
     assert opt.poll_reuse_stopped(block=True)
     m = opt.get_metrics()
     assert m["gated"] == 1.0 and m["stopped_batches"] == 1 and m["gated_steps"] == 2
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_energy_hook_side_stream_matches_the_step_and_never_syncs(micro):
+    """energy_hook=True on CUDA: the side-stream read is ordered after the accumulation and before the step (same
+    bits as the step-time measurement, identical training run), and backward + step stay sync-free."""
+    from dgg_fused.testing import record_syncs
+
+    runs = []
+    for hook in (False, True):
+        model = make_model(bias=True).cuda()
+        opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), lm_head=model.lm_head,
+                             config=TRIP, max_grad_norm=0.05, energy_hook=hook)
+        assert opt.energy_hook is hook
+        energies = []
+        for b in range(6):
+            opt.set_reuse_index(b % 3 + 1)
+            with record_syncs() as rec:
+                for i in range(micro):
+                    loss_fn(model, _cuda_batch(10 * b + i), 40.0 if b == 4 else 1.0).backward()
+                if hook:
+                    pending = opt._energy._pending
+                    assert pending is not None and pending.event is not None
+                opt.step()
+            if b > 0:  # the first step allocates optimizer state
+                assert rec.events == [], rec.events
+            energies.append(opt.metrics["energy"].clone())
+            opt.zero_grad()
+        runs.append((torch.stack(energies).cpu(), [p.detach().cpu() for p in model.parameters()]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

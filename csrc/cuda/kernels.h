@@ -30,7 +30,8 @@ cudaError_t launch_sumsq_stage1(const TensorTable& tab, DType dtype, int64_t blo
                                 cudaStream_t stream);
 // Stage 2: *out = float(sum of partials[0..n) in double, fixed order).
 cudaError_t launch_sumsq_stage2(const float* partials, int64_t n, float* out, cudaStream_t stream);
-// The gate update (gate_epilogue.h) by one thread.
+// The gate update (gate_epilogue.h): by one thread for windows up to 128, else by one block of 1024 threads
+// (block-wide window sums and push).
 cudaError_t launch_gate_epilogue(const GateArgs& args, cudaStream_t stream);
 
 }  // namespace cuda

@@ -23,14 +23,26 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from . import gate_metrics, unwrap_gated
 
-__all__ = ["DGGMetricsCallback", "add_metrics_callback", "unwrap_gated", "gate_metrics"]
+__all__ = [
+    "DGGMetricsCallback",
+    "add_metrics_callback",
+    "unwrap_gated",
+    "gate_metrics",
+    "window_fill",
+    "warmup_optimizer_steps",
+    "resolve_lm_head",
+]
 
 
 class DGGMetricsCallback(TrainerCallback):
     """Adds the gate metrics (``dgg/energy``, ``dgg/statistic``, ``dgg/gated``, ``dgg/steps``, ...) to the logs.
 
     Besides the cumulative counters of :meth:`GatedOptimizer.get_metrics`, it logs
-    ``dgg/gated_fraction``: the fraction of optimizer steps dropped since the previous log call.
+    ``dgg/gated_fraction``: the fraction of optimizer steps dropped since the previous log call (after a resume,
+    since the first step of this ``train()`` call: the baseline is read at ``on_train_begin``, after the checkpoint
+    loaded the gate's counters), and ``dgg/window_fill``: how full the gate's reference window is (0 to 1). The gate
+    cannot act before it reaches 1; until then a large ``dgg/statistic`` with ``dgg/gated`` = 0 is expected.
+    The end-of-training summary entry (``train_runtime``, ``train_loss``, ...) is left alone.
 
     It edits the ``logs`` dict in place in ``on_log`` (and the entry ``Trainer.log`` just appended to
     ``state.log_history``), so callbacks *after* it see the metrics: register it before the reporting callbacks
@@ -42,6 +54,13 @@ class DGGMetricsCallback(TrainerCallback):
         self._last_steps = 0
         self._last_gated = 0
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        gated = unwrap_gated(kwargs.get("optimizer"))
+        if gated is None:
+            return
+        m = gated.get_metrics()  # after a resume: the counters the checkpoint restored
+        self._last_steps, self._last_gated = m["steps"], m["gated_steps"]
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs is None or not _is_train_log(logs):
             return
@@ -49,6 +68,7 @@ class DGGMetricsCallback(TrainerCallback):
         if gated is None:
             return
         m = gate_metrics(gated, self.prefix)
+        m[f"{self.prefix}window_fill"] = window_fill(gated)
         steps, gsteps = m[f"{self.prefix}steps"], m[f"{self.prefix}gated_steps"]
         d_steps = steps - self._last_steps
         m[f"{self.prefix}gated_fraction"] = (gsteps - self._last_gated) / d_steps if d_steps > 0 else 0.0
@@ -60,8 +80,42 @@ class DGGMetricsCallback(TrainerCallback):
 
 
 def _is_train_log(logs: dict) -> bool:
-    # Trainer.log is also used for eval metrics ("eval_*"); only annotate training logs.
-    return not any(k.startswith("eval_") or k.startswith("test_") for k in logs)
+    # Trainer.log is also used for eval metrics ("eval_*") and for the end-of-training summary ("train_runtime",
+    # "train_loss", ...); only annotate the per-step training logs.
+    return not any(k.startswith(("eval_", "test_", "train_")) for k in logs)
+
+
+def window_fill(optimizer: Any) -> float:
+    """Fraction (0..1) of the gate's reference window that is filled; the gate can trip only at 1.0.
+
+    Reads one small device tensor (call it when logging).
+    """
+    gated = unwrap_gated(optimizer)
+    if gated is None:
+        raise TypeError(f"window_fill expects a GatedOptimizer (or a wrapper of one), got {type(optimizer).__name__}")
+    return float(gated.get_metrics()["window_filled"]) / gated.config.window
+
+
+def warmup_optimizer_steps(config: Any, steps_per_pass: int, passes: int) -> int:
+    """Optimizer steps before the gate can act (0-based index of the first step on which it can trip).
+
+    A window rule (the energy rule, a drift ``"zscore"`` rule) needs ``config.window`` reference observations: with
+    ``reference="first_pass"`` only the ``steps_per_pass`` optimizer steps of each batch's first pass enter it, so
+    it fills after ``ceil(window / steps_per_pass)`` rollout batches of ``steps_per_pass * passes`` steps each; with
+    ``"accepted"`` / ``"all"`` every step enters. A drift ``"threshold"`` rule can act on the first reuse pass.
+    With both rules, ``combine="any"`` acts as soon as either can, ``"all"`` once both can.
+    """
+    if config.reference == "first_pass":
+        batches = -(-config.window // steps_per_pass)
+        window_need = (batches - 1) * steps_per_pass * passes + steps_per_pass
+    else:
+        window_need = config.window
+    needs = []
+    if config.energy:
+        needs.append(window_need)
+    if config.drift is not None:
+        needs.append(window_need if config.drift_rule == "zscore" else steps_per_pass)
+    return min(needs) if config.combine == "any" else max(needs)
 
 
 def add_metrics_callback(trainer: Any, prefix: str = "dgg/") -> DGGMetricsCallback:
@@ -72,3 +126,78 @@ def add_metrics_callback(trainer: Any, prefix: str = "dgg/") -> DGGMetricsCallba
     cb = DGGMetricsCallback(prefix)
     trainer.callback_handler.callbacks.insert(0, cb)
     return cb
+
+
+def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool = False) -> list:
+    """The parameters the gate watches: the *trainable* parameters of ``model``'s output projection.
+
+    Args:
+        model: the (possibly PEFT-wrapped) model the optimizer trains.
+        lm_head: ``None`` (find it with :func:`dgg_fused.find_lm_head`), a dotted module name (``"lm_head"``),
+            looked up on the model as it is *now* (after PEFT wrapped it), a module, a Parameter or an iterable
+            of Parameters.
+        warn_tied: passed to :func:`dgg_fused.find_lm_head`.
+
+    Under PEFT the output projection may be wrapped; the rule is the same everywhere — the gate watches the
+    output projection's parameters that require grad:
+
+    * ``modules_to_save=["lm_head"]``: peft's ``ModulesToSaveWrapper`` holds a frozen original and a trainable
+      copy; the gate watches the copy (the full lm_head gradient, the paper's statistic).
+    * ``target_modules`` containing the lm_head (LoRA on the output projection): the gate watches the head's
+      adapter weights (``lora_A`` / ``lora_B``): the energy of the lm_head update the optimizer can make, not the
+      full lm_head gradient. (TRL 1.16's GRPOTrainer refuses LoRA on the lm_head: it computes the
+      log-probabilities from ``lm_head.weight`` directly.)
+    * a frozen lm_head (plain LoRA on the attention / MLP layers): there is nothing to watch; ``ValueError`` says
+      how to make the head (or its adapters) trainable.
+
+    Returns the list of Parameters. Raises ``ValueError`` when the name does not exist or nothing is trainable.
+    """
+    from torch import nn
+
+    from ..lm_head import find_lm_head
+
+    what = "the output projection"
+    if lm_head is None:
+        head = find_lm_head(model, warn_tied=warn_tied)
+        what = f"the output projection ({type(head).__name__}, found by find_lm_head)"
+    elif isinstance(lm_head, str):
+        head = _get_submodule(model, lm_head)
+        what = f"module {lm_head!r} ({type(head).__name__})"
+    else:
+        head = lm_head
+    if isinstance(head, nn.Module):
+        params = [p for p in head.parameters() if p.requires_grad]
+        total = sum(1 for _ in head.parameters())
+    else:
+        import torch
+
+        ps = [head] if isinstance(head, torch.Tensor) else list(head)
+        params = [p for p in ps if p.requires_grad]
+        total = len(ps)
+    if not params:
+        raise ValueError(
+            f"{what} has {total} parameter(s) and none of them is trainable, so the gate has no lm_head gradient to "
+            "watch (with PEFT/LoRA the base lm_head is frozen). Make the head trainable: "
+            "LoraConfig(modules_to_save=['lm_head']) (the gate watches the trainable copy, i.e. the full lm_head "
+            "gradient) or LoraConfig(target_modules=[..., 'lm_head']) (the gate watches the head's adapters); "
+            "or point the gate at trainable parameters with lm_head= / dgg_lm_head=."
+        )
+    return params
+
+
+def _get_submodule(model: Any, name: str) -> Any:
+    """``model.get_submodule(name)``, also trying the wrapped model under PEFT (``base_model.model.<name>``)."""
+    tried = []
+    m = model
+    for _ in range(4):
+        try:
+            return m.get_submodule(name)
+        except AttributeError:
+            tried.append(type(m).__name__)
+        nxt = getattr(m, "base_model", None)
+        if nxt is None or nxt is m:
+            nxt = getattr(m, "model", None)
+        if nxt is None or nxt is m:
+            break
+        m = nxt
+    raise ValueError(f"lm_head={name!r}: no such submodule in {' / '.join(tried)}")

@@ -3,12 +3,20 @@
     from dgg_fused.integrations.trl import DGGGRPOTrainer      # instead of: from trl import GRPOTrainer
     trainer = DGGGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(num_iterations=4, ...), ...)
 
+or, to configure the gate from the command line / a YAML file, :class:`DGGGRPOConfig` (a ``GRPOConfig`` with
+``dgg_*`` fields that ``trl.TrlParser`` reads like any other)::
+
+    args = TrlParser((DGGGRPOConfig,)).parse_args_and_config()[0]   # --num_iterations 4 --dgg_tau 0.3 ...
+    trainer = DGGGRPOTrainer(model=..., reward_funcs=..., args=args, ...)
+
 Supported: trl >= 1.16, < 2 (tested with 1.16.0; the ``trl`` extra of pyproject pins that range). What it changes
 in TRL's loop (trl 1.16 names):
 
 * **Reuse index.** TRL replays ``self._buffered_inputs`` for ``num_iterations`` (= K) passes of
   ``steps_per_generation`` micro-steps each. Before every micro-step the trainer tells the gate which pass it is
-  on: ``k = (micro_steps since the buffer was generated) // steps_per_generation + 1``.
+  on: ``k = (micro_steps since the buffer was generated) // steps_per_generation + 1``. Every optimizer step
+  must lie inside one pass, so ``steps_per_generation`` must be a multiple of ``gradient_accumulation_steps``
+  (checked at construction).
 * **Regenerate on a trip.** When the gate trips, the buffer is dropped and the next micro-step generates fresh
   rollouts (from the prompts the dataloader hands that micro-step: TRL's ``RepeatSampler`` repeats one prompt set
   ``K * steps_per_generation`` times, so this is a fresh group of completions for the current prompts, scored by
@@ -20,55 +28,140 @@ in TRL's loop (trl 1.16 names):
 * **Energy before clipping.** ``Trainer._clip_grad_norm`` is where the Trainer clips (``max_grad_norm`` > 0,
   default 1.0). The trainer records the lm_head energy right before it (``GatedOptimizer.record_energy``), after
   gradient accumulation and after DDP / FSDP2 have reduced the gradients, so the gate sees the unclipped energy of
-  the whole optimizer step, identical on every rank. (A post-accumulate-grad hook would see DDP gradients before
-  their all-reduce, i.e. a different energy per rank, so it is not used.) With fp16 + a GradScaler the
-  gradients are still scaled there; the energy is divided by the scale. With ``max_grad_norm=0`` the energy is
-  measured in ``optimizer.step()``.
+  the whole optimizer step, identical on every rank. With fp16 + a GradScaler the gradients are still scaled
+  there; the energy is divided by the scale. With ``max_grad_norm=0`` the energy is measured in
+  ``optimizer.step()``. Under DeepSpeed ZeRO the engine steps inside ``accelerator.backward``; the DeepSpeed mode
+  (:mod:`dgg_fused.integrations.deepspeed`) measures the energy there instead.
 * **Scheduler on skipped steps: the schedule advances.** A gated step is still an optimizer step of the Trainer:
-  ``global_step`` advances, the LR scheduler steps (accelerate only holds it on a GradScaler overflow), and
-  ``max_steps`` counts it. The LR is therefore a function of ``global_step`` alone, identical on every rank and on
-  resume. The inner optimizer's own step counter (Adam's bias correction) does *not* advance on a gated step
-  (the skip is exact). If you want the schedule to ignore gated steps, use a longer ``max_steps``.
+  ``global_step`` advances, the LR scheduler steps, and ``max_steps`` counts it. The inner optimizer's own step
+  counter (Adam's bias correction) does *not* advance on a gated step (the skip is exact).
+* **Drift signal.** With ``GateConfig(drift="approx_kl", ...)`` (``--dgg_drift approx_kl``) the trainer computes
+  :func:`dgg_fused.drift_stats` in ``_compute_loss`` from the per-token log-probabilities of the current policy and
+  those TRL kept from the rollout policy (``old_per_token_logps``, present whenever ``num_iterations > 1``), on the
+  device, token-weighted over the micro-batches of the optimizer step and reduced over ranks (so every rank takes
+  the same decision), and hands them to :meth:`~dgg_fused.GatedOptimizer.record_drift` before the step.
+  ``clip_frac`` uses TRL's ``epsilon``. ``dgg_energy=False`` turns the lm_head rule off (a pure KL early stop).
 * **Metrics.** A :class:`~dgg_fused.integrations.hf.DGGMetricsCallback` is registered first, so ``dgg/*`` gate
-  metrics land in the trainer's logs (and wandb/tensorboard when configured).
+  metrics (``dgg/window_fill`` shows the warm-up) land in the trainer's logs. When ``max_steps`` ends before the
+  gate's window can fill, a warning says so at the start of training.
+
+Mistakes that would leave the gate silently idle raise ``ValueError`` at construction: ``num_iterations=1`` (no
+reuse pass to gate), a gate whose ``max_reuse`` is below ``num_iterations``, ``steps_per_generation`` not a
+multiple of ``gradient_accumulation_steps``, the gate configured in two places (``dgg_config=``, a
+:class:`DGGGRPOConfig`, a ``GatedOptimizer`` passed through ``optimizers=``) with different settings, and an
+lm_head with no trainable parameter (PEFT: see :func:`dgg_fused.integrations.hf.resolve_lm_head`).
 
 The optimizer the Trainer builds (``args.optim``; TRL's default is torch's fused AdamW, the sync-free path) is
 wrapped in a :class:`~dgg_fused.GatedOptimizer` in ``create_optimizer``; pass ``optimizers=(GatedOptimizer(...),
-scheduler)`` to bring your own. ``lm_head=None`` finds the output projection with :func:`dgg_fused.find_lm_head`.
+scheduler)`` to bring your own.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 try:
-    from trl import GRPOTrainer
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("dgg_fused.integrations.trl needs TRL: pip install 'dgg_fused[trl]' (trl>=1.16,<2)") from exc
 
-from ..config import GateConfig
-from ..lm_head import find_lm_head
-from ..optimizer import GatedOptimizer
-from . import unwrap_gated
-from .hf import DGGMetricsCallback, add_metrics_callback
+import torch
 
-__all__ = ["DGGGRPOTrainer", "DGGMetricsCallback", "SUPPORTED_TRL"]
+from ..config import GateConfig
+from ..lm_head import TiedLmHeadWarning, is_tied
+from ..optimizer import SKIP_MODES, GatedOptimizer
+from . import DriftAccumulator, unwrap_gated
+from .hf import DGGMetricsCallback, add_metrics_callback, resolve_lm_head, warmup_optimizer_steps
+
+__all__ = ["DGGGRPOTrainer", "DGGGRPOConfig", "DGGMetricsCallback", "SUPPORTED_TRL"]
 
 #: The TRL versions this integration is written against (it relies on ``_prepare_inputs``, ``_step``,
 #: ``_buffered_inputs`` and ``Trainer._clip_grad_norm``).
 SUPPORTED_TRL = ">=1.16,<2"
+
+_GATE_DEFAULTS = {f.name: f.default for f in fields(GateConfig)}
+
+
+def _gate_field(name: str, help: str) -> Any:
+    return field(default=_GATE_DEFAULTS[name], metadata={"help": help})
+
+
+@dataclass
+class DGGGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the gate's settings, so ``TrlParser`` (CLI flags, YAML) can set them.
+
+    Each ``dgg_<name>`` field is :class:`~dgg_fused.GateConfig`'s ``<name>`` (same default, same validation, done
+    at construction); ``dgg_max_reuse`` defaults to ``num_iterations``. :meth:`gate_config` builds the
+    ``GateConfig``. Command line: ``--num_iterations 4 --dgg_tau 0.3 --dgg_window 8``; YAML: ``dgg_tau: 0.3``.
+    """
+
+    dgg_window: int = _gate_field("window", "DGG: reference observations in the gate's sliding window.")
+    dgg_tau: float = _gate_field("tau", "DGG: Z-score threshold above which a reuse-pass step is dropped.")
+    dgg_max_reuse: int | None = field(
+        default=None, metadata={"help": "DGG: maximum reuse passes K the gate accepts (default: num_iterations)."}
+    )
+    dgg_statistic: str = _gate_field("statistic", "DGG: what the Z-score is taken of: energy, increment or both.")
+    dgg_reference: str = _gate_field("reference", "DGG: which steps feed the window: first_pass, accepted, all.")
+    dgg_std_floor: float = _gate_field("std_floor", "DGG: relative floor on the window's standard deviation.")
+    dgg_energy: bool = _gate_field("energy", "DGG: watch the lm_head gradient energy (the paper's rule).")
+    dgg_drift: str | None = field(
+        default=None,
+        metadata={"help": "DGG: a policy-drift statistic to watch: approx_kl, clip_frac or ratio_max (default none)."},
+    )
+    dgg_drift_rule: str = _gate_field("drift_rule", "DGG: how the drift statistic trips: threshold or zscore.")
+    dgg_drift_threshold: float = _gate_field("drift_threshold", "DGG: threshold of the drift rule (e.g. target KL).")
+    dgg_combine: str = _gate_field("combine", "DGG: energy and drift rules combined: any (either trips) or all.")
+    dgg_skip_mode: str = field(
+        default="auto", metadata={"help": f"DGG: how a step is dropped, one of {SKIP_MODES}."}
+    )
+    dgg_lm_head: str | None = field(
+        default=None,
+        metadata={"help": "DGG: dotted name of the output projection module (default: found automatically)."},
+    )
+    dgg_warn_tied: bool = field(
+        default=True, metadata={"help": "DGG: warn when the lm_head is tied to the input embedding."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dgg_skip_mode not in SKIP_MODES:
+            raise ValueError(f"DGGGRPOConfig.dgg_skip_mode must be one of {SKIP_MODES}, got {self.dgg_skip_mode!r}")
+        try:
+            self.gate_config()
+        except ValueError as exc:
+            raise ValueError(f"DGGGRPOConfig (the dgg_* fields): {exc}") from None
+
+    def gate_config(self) -> GateConfig:
+        """The :class:`~dgg_fused.GateConfig` these fields describe."""
+        names = [f.name for f in fields(GateConfig)]
+        kw = {n: getattr(self, f"dgg_{n}") for n in names if hasattr(self, f"dgg_{n}")}
+        if kw.get("max_reuse") is None:
+            kw["max_reuse"] = max(int(self.num_iterations), 1)
+        return GateConfig(**kw)
 
 
 class DGGGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose rollout reuse (``num_iterations`` = K) is gated by DGG.
 
     Args (in addition to GRPOTrainer's):
-        dgg_config: the :class:`~dgg_fused.GateConfig`; default ``GateConfig(max_reuse=num_iterations)``. Its
-            ``max_reuse`` must be >= ``num_iterations``.
-        lm_head: the output projection (module, Parameter or iterable of Parameters); default: found with
-            :func:`dgg_fused.find_lm_head` on the model.
-        skip_mode: passed to :class:`~dgg_fused.GatedOptimizer`.
+        dgg_config: the :class:`~dgg_fused.GateConfig`; default: ``args.gate_config()`` for a
+            :class:`DGGGRPOConfig`, else ``GateConfig(max_reuse=num_iterations)``. Its ``max_reuse`` must be >=
+            ``num_iterations``.
+        lm_head: what the gate watches: ``None`` (the output projection, found automatically; under PEFT its
+            trainable copy or adapters), a dotted module name looked up on the model *after* PEFT wrapped it
+            (``"lm_head"``; use this with ``peft_config=``), a module, a Parameter or an iterable of Parameters.
+            Default: ``args.dgg_lm_head`` for a :class:`DGGGRPOConfig`.
+        skip_mode: passed to :class:`~dgg_fused.GatedOptimizer` (default ``args.dgg_skip_mode`` or ``"auto"``).
+        warn_tied: warn (:class:`~dgg_fused.TiedLmHeadWarning`) when the lm_head is tied to the input embedding
+            (default ``args.dgg_warn_tied`` or True).
         log_gate_metrics: register :class:`~dgg_fused.integrations.hf.DGGMetricsCallback` (default True).
+
+    Raises:
+        ValueError: at construction, for every setting under which the gate could never act or would act on
+            mixed passes (see the module docstring).
     """
 
     def __init__(
@@ -76,26 +169,100 @@ class DGGGRPOTrainer(GRPOTrainer):
         *args: Any,
         dgg_config: GateConfig | None = None,
         lm_head: Any = None,
-        skip_mode: str = "auto",
+        skip_mode: str | None = None,
+        warn_tied: bool | None = None,
         log_gate_metrics: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        targs = self.args
+        from_args = isinstance(targs, DGGGRPOConfig)
         k = int(self.num_iterations)
-        if dgg_config is None:
-            dgg_config = GateConfig(max_reuse=max(k, 1))
-        if not isinstance(dgg_config, GateConfig):
+        user_gated = unwrap_gated(self.optimizer)  # a GatedOptimizer passed through optimizers=
+        if dgg_config is not None and not isinstance(dgg_config, GateConfig):
             raise TypeError(f"dgg_config must be a GateConfig, got {type(dgg_config).__name__}")
-        if dgg_config.max_reuse < k:
+        sources = {}
+        if user_gated is not None:
+            sources["the GatedOptimizer passed through optimizers= (its config=)"] = user_gated.config
+        if dgg_config is not None:
+            sources["dgg_config="] = dgg_config
+        if from_args:
+            sources["the DGGGRPOConfig's dgg_* fields"] = targs.gate_config()
+        if len(set(sources.values())) > 1:
+            listed = "; ".join(f"{name}: {cfg}" for name, cfg in sources.items())
             raise ValueError(
-                f"dgg_config.max_reuse={dgg_config.max_reuse} is smaller than num_iterations={k}; "
-                "the gate must accept every reuse pass TRL runs"
+                f"the gate is configured in {len(sources)} places with different settings ({listed}); "
+                "configure it in one place (the others would be ignored)"
             )
-        self.dgg_config = dgg_config
-        self._dgg_lm_head = lm_head
+        cfg = next(iter(sources.values())) if sources else GateConfig(max_reuse=max(k, 1))
+        if k <= 1:
+            raise ValueError(
+                f"num_iterations={k}: there is no reuse pass, so the gate can never act (DGG only drops steps on "
+                "passes k > 1). Set GRPOConfig(num_iterations=K) with K > 1 (the paper uses 4), or use "
+                "trl.GRPOTrainer."
+            )
+        if cfg.max_reuse < k:
+            raise ValueError(
+                f"the gate's max_reuse={cfg.max_reuse} is smaller than num_iterations={k}: training would fail at "
+                f"pass {cfg.max_reuse + 1}. Use GateConfig(max_reuse={k}) (or larger)"
+            )
+        spg, gas = int(targs.steps_per_generation), int(targs.gradient_accumulation_steps)
+        if spg % gas != 0:
+            raise ValueError(
+                f"steps_per_generation={spg} is not a multiple of gradient_accumulation_steps={gas}: an optimizer "
+                "step would mix micro-batches of two reuse passes, so no step is a pure first pass and the gate "
+                "never warms up. Use steps_per_generation = m * gradient_accumulation_steps (m >= 1; the default "
+                "is m = 1)"
+            )
+        if user_gated is not None and self.is_deepspeed_enabled:
+            from .deepspeed import DeepSpeedGatedOptimizer
+
+            if not isinstance(user_gated, DeepSpeedGatedOptimizer):
+                raise ValueError(
+                    "under DeepSpeed pass a dgg_fused.integrations.deepspeed.DeepSpeedGatedOptimizer through "
+                    "optimizers= (a plain GatedOptimizer cannot see ZeRO-partitioned gradients)"
+                )
+        if skip_mode is None:
+            skip_mode = targs.dgg_skip_mode if from_args else "auto"
+        if skip_mode not in SKIP_MODES:
+            raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
+        if lm_head is None and from_args:
+            lm_head = targs.dgg_lm_head
+        if warn_tied is None:
+            warn_tied = targs.dgg_warn_tied if from_args else True
+        self.dgg_config = cfg
         self._dgg_skip_mode = skip_mode
+        self._dgg_lm_head: list | None = None
+        if user_gated is None and cfg.energy:
+            # Resolved now, on the model as TRL left it (PEFT-wrapped when peft_config= was given), so that a frozen
+            # head fails here and not at train().
+            try:
+                self._dgg_lm_head = resolve_lm_head(self.model, lm_head)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{exc} Or gate on policy drift alone, which needs no lm_head: "
+                    "GateConfig(energy=False, drift='approx_kl', drift_threshold=...) (--dgg_energy false "
+                    "--dgg_drift approx_kl)."
+                ) from None
+            if warn_tied and lm_head is None and _tied(self.model):
+                warnings.warn(
+                    "the model's lm_head weight is tied to its input embedding: the gate sees the energy of the "
+                    "shared matrix's gradient (output projection + the embedding rows of the batch's tokens), not "
+                    "the pure lm_head energy of the paper. Pass DGGGRPOTrainer(..., warn_tied=False) "
+                    "(DGGGRPOConfig: --dgg_warn_tied false) once you accept that; see dgg_fused.find_lm_head.",
+                    TiedLmHeadWarning,
+                    stacklevel=2,
+                )
+        elif user_gated is not None and lm_head is not None:
+            raise ValueError("lm_head= is ignored when a GatedOptimizer is passed through optimizers= (it has its own)")
+        elif lm_head is not None:
+            raise ValueError("lm_head= is not used: this gate watches no lm_head energy (GateConfig.energy=False)")
         self._dgg_gen_step = 0  # value of self._step when the current buffer was generated
+        self._dgg_capture = False
+        self._dgg_logps: torch.Tensor | None = None
+        self._dgg_drift = DriftAccumulator()  # the drift statistics of the current optimizer step
         self.dgg_generations: list[int] = []  # global_step at each (re)generation, for inspection
+        self.add_callback(_WarmupCheck(self))
         if log_gate_metrics:
             add_metrics_callback(self)
 
@@ -107,20 +274,26 @@ class DGGGRPOTrainer(GRPOTrainer):
 
     def create_optimizer(self, model: Any = None) -> Any:
         super().create_optimizer(model)
-        if unwrap_gated(self.optimizer) is None:
-            target = self.model if model is None else model
-            head = self._dgg_lm_head
-            if head is None:
-                head = find_lm_head(self.accelerator.unwrap_model(target), warn_tied=True)
-            self.optimizer = GatedOptimizer(
-                self.optimizer, lm_head=head, config=self.dgg_config, skip_mode=self._dgg_skip_mode
+        gated = unwrap_gated(self.optimizer)
+        if gated is None:
+            cls = GatedOptimizer
+            if self.is_deepspeed_enabled:  # ZeRO: the client optimizer of the engine (attached in _prepare_inputs)
+                from .deepspeed import DeepSpeedGatedOptimizer as cls  # noqa: N813
+            self.optimizer = cls(
+                self.optimizer, lm_head=self._dgg_lm_head, config=self.dgg_config, skip_mode=self._dgg_skip_mode
             )
         return self.optimizer
 
+    def _dgg_attach_deepspeed(self, gated: GatedOptimizer) -> None:
+        """Under DeepSpeed: hook the gate into the engine accelerate built (once, at the first training step)."""
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None:
+            gated.attach(wrapped.engine)
+
     def _clip_grad_norm(self, model: Any) -> Any:
         gated = self.gated_optimizer
-        if gated is not None:
-            gated.record_energy(grad_scale=self._dgg_grad_scale())
+        if gated is not None and gated.config.energy and not self.is_deepspeed_enabled:
+            gated.record_energy(grad_scale=self._dgg_grad_scale())  # (DeepSpeed: measured in the engine step)
         return super()._clip_grad_norm(model)
 
     def _dgg_grad_scale(self) -> Any:
@@ -130,6 +303,44 @@ class DGGGRPOTrainer(GRPOTrainer):
             return None
         # accelerate unscales inside clip_grad_norm_, i.e. after this point: the gradients are still scaled.
         return scaler._scale  # the device tensor; get_scale() would sync
+
+    # ------------------------------------------------------------------ drift signal
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._dgg_capture:
+            self._dgg_logps = out[0]
+        return out
+
+    def _compute_loss(self, model: Any, inputs: Any) -> Any:
+        gated = self.gated_optimizer
+        if gated is None or gated.config.drift is None or not self.model.training:
+            return super()._compute_loss(model, inputs)
+        self._dgg_capture, self._dgg_logps = True, None
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._dgg_capture = False
+        self._dgg_accumulate_drift(inputs)
+        if self.accelerator.sync_gradients:  # the last micro-batch of this optimizer step (before backward: under
+            self._dgg_record_drift(gated)  # DeepSpeed the engine steps inside accelerator.backward)
+        return loss
+
+    def _dgg_accumulate_drift(self, inputs: Any) -> None:
+        """Add this micro-batch's drift (against the rollout policy's log-probs TRL kept) to the step's sums."""
+        new = self._dgg_logps
+        if new is None:
+            raise RuntimeError("DGGGRPOTrainer: TRL's _compute_loss did not compute per-token log-probabilities")
+        old = inputs.get("old_per_token_logps")
+        old = new.detach() if old is None else old  # TRL omits them when they equal the current ones
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        self._dgg_drift.add(new, old, mask, clip_eps=float(self.epsilon_low))
+
+    def _dgg_record_drift(self, gated: GatedOptimizer) -> None:
+        """Token-weighted means over every micro-batch of the optimizer step and every rank (one SUM and one MAX
+        all-reduce under multi-process training, on the device), handed to the gate before its step."""
+        self._dgg_drift.record(gated)
 
     # ------------------------------------------------------------------ rollout reuse
     def _dgg_pass(self) -> int:
@@ -148,6 +359,8 @@ class DGGGRPOTrainer(GRPOTrainer):
             self._dgg_gen_step = self._step
             self.dgg_generations.append(self.state.global_step)
         if gated is not None:
+            if self.is_deepspeed_enabled:
+                self._dgg_attach_deepspeed(gated)
             gated.set_reuse_index(self._dgg_pass())
         # TRL's _prepare_inputs regenerates when `_step % (spg * K) == 0 or _buffered_inputs is None` and returns
         # `_buffered_inputs[_step % spg]`: hand it the micro-step offset within the current buffer instead.
@@ -157,3 +370,36 @@ class DGGGRPOTrainer(GRPOTrainer):
             return super()._prepare_inputs(generation_batch)
         finally:
             self._step = real_step
+
+
+def _tied(model: Any) -> bool:
+    from ..lm_head import find_lm_head
+
+    try:
+        return is_tied(model, find_lm_head(model, warn_tied=False))
+    except ValueError:
+        return False
+
+
+class _WarmupCheck(TrainerCallback):
+    """Warns at the start of training when ``max_steps`` ends before the gate's window can fill."""
+
+    def __init__(self, trainer: DGGGRPOTrainer) -> None:
+        self._trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        t = self._trainer
+        gated = t.gated_optimizer
+        if gated is None:
+            return
+        per_pass = int(args.steps_per_generation) // int(args.gradient_accumulation_steps)
+        need = warmup_optimizer_steps(gated.config, per_pass, int(t.num_iterations))
+        if state.max_steps <= need:
+            warnings.warn(
+                f"DGG: the gate can act only from optimizer step {need} on (its window of {gated.config.window} "
+                f"reference observations fills after that, reference={gated.config.reference!r}), but this run "
+                f"has max_steps={state.max_steps}: the gate will never drop a step. Lower the window "
+                "(GateConfig(window=...) / --dgg_window) or train longer; dgg/window_fill in the logs shows the "
+                "warm-up.",
+                stacklevel=2,
+            )

@@ -1,12 +1,17 @@
-"""The lm_head gradient energy op and the fused gate epilogue: public entries and the backend choice, in one place.
+"""The sum-of-squares op (the lm_head gradient energy): its kernels, the backend choice, a float64 reference.
 
-* :func:`grad_sumsq` — sum of squares over a list of tensors, float32 accumulation, a 0-d float32 tensor on their
-  device, no host sync. It is one ``torch.library`` op, ``torch.ops.dgg_fused.grad_sumsq(tensors, backend)``, with
-  a fake implementation (``torch.compile``, ``opcheck``); the backend is resolved before the op is called.
-* :func:`gate_epilogue_` — the DGG gate update on the device-resident state in one launch (Triton or CUDA) or one
-  C++ call; ``dgg_fused.gate`` decides when to use it (:func:`resolve_epilogue`).
+:func:`grad_sumsq` — sum of squares over a list of tensors, float32 accumulation, a 0-d float32 tensor on their
+device, no host sync. Its kernels are ``torch.library`` ops, each schema defined once with kernels registered per
+device key (and a fake implementation for ``torch.compile`` / ``opcheck``):
 
-Backends (:func:`available_backends`):
+============================== ============================================== ===================================
+op                             kernels                                        schema defined in
+============================== ============================================== ===================================
+``dgg_fused::_C_sumsq``        CPU (AVX2, 2-level), CUDA (two-stage)          csrc/dgg_fused.cpp
+``dgg_fused::sumsq_triton``    CUDA (CPU only under TRITON_INTERPRET=1)       :mod:`dgg_fused.ops._schema`
+============================== ============================================== ===================================
+
+Backends (:func:`available_backends`), each one of those kernels or the reference:
 
 ======== ============================================= ===========================================
 name     what                                          where
@@ -17,20 +22,21 @@ cpp      dgg_fused._C CPU kernel (AVX2, 2-level)       CPU tensors, extension bu
 torch    pure-torch float64 reference                  anywhere
 ======== ============================================= ===========================================
 
-``backend="auto"`` (:func:`resolve_backend`): CUDA -> triton, else cuda, else torch; CPU -> cpp, else torch; any
-dtype other than float32/bfloat16/float16 -> torch. An explicitly requested backend that is unavailable raises.
+``backend="auto"`` (:func:`resolve_backend`, the one place a backend is chosen): CUDA -> triton, else cuda, else
+torch; CPU -> cpp, else torch; any dtype other than float32/bfloat16/float16 -> torch. An explicitly requested
+backend that is unavailable raises. This package knows nothing of gates.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from types import ModuleType
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from . import extension
+from ._schema import compiled_sumsq
 from .reference import grad_sumsq_reference
 
 __all__ = [
@@ -38,8 +44,8 @@ __all__ = [
     "grad_sumsq_partials",
     "available_backends",
     "resolve_backend",
-    "resolve_epilogue",
-    "gate_epilogue_",
+    "kernel",
+    "validate",
     "grad_sumsq_reference",
     "BACKENDS",
 ]
@@ -54,17 +60,13 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
 
 
+_HAS_TRITON: list[bool] = []
+
+
 def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_module(name: str) -> ModuleType:
-    """``dgg_fused.ops.<name>``, imported on first use (so ``import dgg_fused`` never imports triton).
-
-    On CPU the kernels run only under the Triton interpreter, which must be switched on (TRITON_INTERPRET=1)
-    before triton itself is first imported: ``triton.jit`` and triton's own library functions read it then.
-    """
-    return importlib.import_module(f"{__name__}.{name}")
+    if not _HAS_TRITON:  # a package look-up per process, not per step
+        _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
+    return _HAS_TRITON[0]
 
 
 # ---------------------------------------------------------------------------------------------------- choice
@@ -88,9 +90,6 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
-# The choice depends only on the process (what loaded, which device), so torch.compile takes it as a constant
-# instead of tracing importlib and environment look-ups.
-@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device, dtypes: Sequence[torch.dtype] = ()) -> str:
     """The one place a backend name is resolved. ``"auto"`` picks; an explicit unavailable name raises."""
     if backend != "auto" and backend not in BACKENDS:
@@ -118,49 +117,26 @@ def resolve_backend(backend: str, device: torch.device, dtypes: Sequence[torch.d
     return backend
 
 
-@torch.compiler.assume_constant_result
-def resolve_epilogue(impl: str, device: torch.device) -> str:
-    """Which implementation of the gate update runs: ``"reference"`` (dgg_fused.gate, torch ops), ``"triton"``,
-    ``"cuda"`` or ``"cpp"`` (the fused ones). ``"auto"``: on CUDA triton, else cuda, else reference; elsewhere the
-    reference: it is the rule's definition, and the recorded testbed runs reproduce bit-for-bit with it. On CPU it
-    costs ~0.45 ms per step vs ~23 us for ``"cpp"`` (docs/benchmarks.md); pass ``impl="cpp"`` to gate_step_ for
-    that."""
-    if impl == "reference" or (impl == "auto" and device.type != "cuda"):
-        return "reference"
-    if impl != "auto" and impl not in ("triton", "cuda", "cpp"):
-        raise ValueError(f"gate impl must be 'auto', 'reference', 'triton', 'cuda' or 'cpp', got {impl!r}")
-    avail = available_backends(device)
-    if impl == "auto":
-        if device.type == "cuda":
-            for name in ("triton", "cuda"):
-                if name in avail:
-                    return name
-        return "reference"
-    if impl not in avail:
-        raise RuntimeError(f"gate impl {impl!r} is not available for {device.type} tensors; available: {avail}")
-    return impl
-
-
 # ---------------------------------------------------------------------------------------------------- the op
-def _dispatch(tensors: list[torch.Tensor], backend: str) -> torch.Tensor:
-    if backend in ("cpp", "cuda"):
-        return torch.ops.dgg_fused._C_sumsq(tensors)
-    if backend == "triton":
-        return _triton_module("triton_sumsq").sumsq(tensors)
-    return grad_sumsq_reference(tensors)
+def _triton_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.dgg_fused.sumsq_triton(tensors)
 
 
-@torch.library.custom_op("dgg_fused::grad_sumsq", mutates_args=())
-def _grad_sumsq_op(tensors: list[torch.Tensor], backend: str) -> torch.Tensor:
-    return _dispatch(list(tensors), backend)
+def kernel(name: str) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The callable behind a *resolved* backend name (:func:`resolve_backend`): the compiled op for ``"cpp"`` and
+    ``"cuda"`` (one op, kernels per device key), the Triton op, or the float64 reference for ``"torch"``. It takes
+    a list of validated (detached, strided, one-device) tensors."""
+    if name in ("cpp", "cuda"):
+        return compiled_sumsq()
+    if name == "triton":
+        return _triton_sumsq
+    if name == "torch":
+        return grad_sumsq_reference
+    raise ValueError(f"not a resolved backend name: {name!r}")
 
 
-@_grad_sumsq_op.register_fake
-def _grad_sumsq_fake(tensors: list[torch.Tensor], backend: str) -> torch.Tensor:
-    return tensors[0].new_empty((), dtype=torch.float32)
-
-
-def _validate(tensors: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+def validate(tensors: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """The checks :func:`grad_sumsq` makes (non-empty, floating point, strided, one device); detached tensors."""
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     out = list(tensors)
@@ -195,9 +171,9 @@ def grad_sumsq(tensors: Sequence[torch.Tensor] | torch.Tensor, *, backend: str =
         0-d float32 tensor. Every backend is deterministic (fixed two-stage reduction order): the same input
         gives the same bits run to run.
     """
-    ts = _validate(tensors)
+    ts = validate(tensors)
     name = resolve_backend(backend, ts[0].device, [t.dtype for t in ts])
-    return torch.ops.dgg_fused.grad_sumsq(ts, name)
+    return kernel(name)(ts)
 
 
 def grad_sumsq_partials(tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> torch.Tensor | None:
@@ -205,45 +181,9 @@ def grad_sumsq_partials(tensors: Sequence[torch.Tensor], *, backend: str = "auto
     is ``grad_sumsq(tensors)`` (the finalize kernel does exactly that). One launch; the fused gate epilogue adds the partials itself, so a gated
     step costs two launches. Returns None where that path does not apply (the resolved backend is not
     ``"triton"``, or a tensor is a subclass such as a DTensor): call :func:`grad_sumsq` then."""
-    ts = _validate(tensors)
+    ts = validate(tensors)
     if any(type(t) is not torch.Tensor for t in ts):
         return None
     if resolve_backend(backend, ts[0].device, [t.dtype for t in ts]) != "triton":
         return None
-    return _triton_module("triton_sumsq").sumsq_partials(ts)
-
-
-# ---------------------------------------------------------------------------------------------------- epilogue
-def gate_epilogue_(
-    impl: str,
-    partials: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    *,
-    tau: float,
-    std_floor: float,
-    statistic: int,
-    reference: int,
-    grad_scale: torch.Tensor | None = None,
-    external_skip: torch.Tensor | None = None,
-) -> None:
-    """The fused gate update (one launch on CUDA): energy = sum(partials) [/ grad_scale**2], then the rule of
-    ``dgg_fused.gate.gate_step_`` on the state tensors ``window, filled, prev_energy, reuse_index, stopped,
-    counters, last, skip`` (updated in place). ``impl`` is a resolved name (:func:`resolve_epilogue`)."""
-    dev = state["window"].device
-    partials = partials.detach().reshape(-1).to(device=dev, dtype=torch.float32)
-    if grad_scale is not None:
-        grad_scale = grad_scale.detach().reshape(1).to(device=dev, dtype=torch.float32)
-    if external_skip is not None:
-        external_skip = external_skip.detach().reshape(1).to(device=dev, dtype=torch.float32)
-    args = (
-        partials, grad_scale, external_skip, state["window"], state["filled"], state["prev_energy"],
-        state["reuse_index"], state["stopped"], state["counters"], state["last"], state["skip"],
-    )  # fmt: skip
-    if impl == "triton":
-        _triton_module("triton_epilogue").gate_epilogue_(
-            *args, tau=tau, std_floor=std_floor, statistic=statistic, reference=reference
-        )
-    elif impl in ("cuda", "cpp"):
-        torch.ops.dgg_fused._C_gate_epilogue(*args, tau, std_floor, statistic, reference)
-    else:
-        raise ValueError(f"gate_epilogue_: not a fused implementation: {impl!r}")
+    return torch.ops.dgg_fused.sumsq_partials_triton(ts)

@@ -1,22 +1,19 @@
-"""The fused gate epilogue (C++ CPU op, the same code the CUDA kernel runs) against the reference gate_step_.
-
-The Triton epilogue runs the same harness under the Triton interpreter (tests/test_kernels_triton*.py)."""
+"""Harness comparing a fused twin of the gate rule with the reference, state by state (used by tests/test_gate.py,
+tests/test_kernels_triton_interpreted.py and tests/test_gpu_kernels.py)."""
 
 from __future__ import annotations
 
 import math
 import random
 
-import pytest
 import torch
 
 from dgg_fused.config import REFERENCES, STATISTICS, GateConfig
 from dgg_fused.gate import GateState, gate_step_
-from dgg_fused.ops import available_backends, resolve_epilogue
 
 # ---------------------------------------------------------------------------------------------------- harness
 # Drives a fused implementation and the reference gate_step_ through the same step sequences and compares the whole
-# GateState after every step. Also imported by test_kernels_triton_interpreted.py (the Triton epilogue).
+# GateState after every step.
 _SHAPES = ((4, 0.37, 1e-3), (3, 1.7, 0.0))  # (window, tau, std_floor), alternated over the 9 rule variants
 CONFIGS = [
     GateConfig(window=w, tau=tau, statistic=s, reference=r, max_reuse=4, std_floor=fl)
@@ -100,72 +97,3 @@ def run_and_compare(impl: str, config: GateConfig, seq, *, partials_split: int =
                 t.copy_(ref.tensors()[name])
         trips += int(ref.last[2].item())
     return trips
-
-
-# ---------------------------------------------------------------------------------------------------- tests
-
-needs_cpp = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="dgg_fused._C not built")
-
-
-def test_auto_on_cpu_is_the_reference():
-    assert resolve_epilogue("auto", torch.device("cpu")) == "reference"
-
-
-def test_unknown_or_unavailable_impl_raises():
-    with pytest.raises(ValueError, match="gate impl"):
-        resolve_epilogue("fast", torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="not available"):
-        resolve_epilogue("cuda", torch.device("cpu"))
-
-
-@needs_cpp
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.statistic}-{c.reference}-w{c.window}")
-@pytest.mark.parametrize("adversarial", [False, True], ids=["random", "adversarial"])
-def test_cpp_epilogue_matches_reference(config, adversarial):
-    trips = 0
-    for seed in range(2):
-        trips += run_and_compare("cpp", config, sequence(seed * 7 + adversarial, n=45, adversarial=adversarial))
-    if not adversarial and config.reference != "all":
-        assert trips > 0, "the sequences never tripped the gate: the comparison would not cover trips"
-
-
-@needs_cpp
-def test_cpp_epilogue_sums_partials_and_scales():
-    cfg = GateConfig(window=2, tau=0.5)
-    a = GateState.create(2, "cpu")
-    b = GateState.create(2, "cpu")
-    gate_step_(a, torch.tensor(12.0) / torch.tensor(2.0).square(), cfg, impl="reference")
-    from dgg_fused.ops import gate_epilogue_
-
-    gate_epilogue_("cpp", torch.tensor([6.0, 4.0, 2.0]), b.tensors(), tau=0.5, std_floor=cfg.std_floor,
-                   statistic=0, reference=0, grad_scale=torch.tensor(2.0))
-    for name, t in a.tensors().items():
-        assert torch.equal(t, b.tensors()[name]), name
-
-
-@needs_cpp
-def test_cpp_epilogue_window_not_full_never_trips():
-    cfg = GateConfig(window=8, tau=0.1)
-    st = GateState.create(8, "cpu")
-    for i in range(7):
-        st.reuse_index.fill_(1)
-        gate_step_(st, torch.tensor(1.0 + i), cfg, impl="cpp")
-    st.reuse_index.fill_(2)
-    gate_step_(st, torch.tensor(1e30), cfg, impl="cpp")
-    assert st.skip.item() == 0.0 and st.filled.tolist() == [7, 6]
-    st.reuse_index.fill_(1)
-    gate_step_(st, torch.tensor(2.0), cfg, impl="cpp")
-    st.reuse_index.fill_(2)
-    gate_step_(st, torch.tensor(1e30), cfg, impl="cpp")
-    assert st.skip.item() == 1.0 and bool(st.stopped)
-
-
-@needs_cpp
-def test_cpp_epilogue_rejects_bad_state():
-    st = GateState.create(4, "cpu")
-    t = st.tensors()
-    t["counters"] = t["counters"].to(torch.int32)
-    from dgg_fused.ops import gate_epilogue_
-
-    with pytest.raises(RuntimeError, match="counters"):
-        gate_epilogue_("cpp", torch.tensor(1.0), t, tau=0.3, std_floor=0.0, statistic=0, reference=0)

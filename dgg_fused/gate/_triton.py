@@ -1,10 +1,10 @@
-"""Triton implementation of the fused DGG gate epilogue: one single-program launch per gated step.
+"""Triton twin of the gate rule: one single-program launch per gated step (imported only when it runs).
 
-It reduces the energy partials (the output of :func:`dgg_fused.ops.triton_sumsq.sumsq_partials`, or a 1-element
-energy), applies the gate rule of ``dgg_fused/gate.py::gate_step_`` (the reference; ``csrc/gate_epilogue.h`` is
-the same rule in C++) and updates the device-resident gate state in place. IEEE division and square root
-(``div_rn``/``sqrt_rn``) keep it within rounding of the torch reference; the window sums differ from torch's only
-in summation order.
+It reduces the energy partials (the output of :func:`dgg_fused.ops.grad_sumsq_partials`, or a 1-element energy),
+applies the rule of ``dgg_fused/gate/reference.py`` (``csrc/gate_epilogue.h`` is the same rule in C++) and updates
+the device-resident gate state in place. IEEE division and square root (``div_rn``/``sqrt_rn``) keep it within
+rounding of the torch reference; the window sums differ from torch's only in summation order. The statistic and
+reference codes are those of :class:`dgg_fused.config.Statistic` / :class:`~dgg_fused.config.Reference`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import Reference, Statistic
+from ..ops.triton_sumsq import partials_block, sum_partials
+
 __all__ = ["gate_epilogue_"]
 
 _TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+# The shared codes (dgg_fused.config), as compile-time constants of the kernel.
+STAT_ENERGY = tl.constexpr(int(Statistic.ENERGY))
+STAT_INCREMENT = tl.constexpr(int(Statistic.INCREMENT))
+REF_FIRST_PASS = tl.constexpr(int(Reference.FIRST_PASS))
+REF_ACCEPTED = tl.constexpr(int(Reference.ACCEPTED))
 
 
 @triton.jit
@@ -29,7 +37,8 @@ def _zscore(row_ptr, W, filled, x, std_floor, TINY: tl.constexpr, WP: tl.constex
     valid = (j < W) & (j >= W - filled)
     vals = tl.load(row_ptr + j, mask=valid, other=0.0)
     n = tl.maximum(filled, 1).to(tl.float32)
-    scale = _clamp_min(tl.div_rn(tl.sum(tl.abs(vals), axis=0), n), TINY)
+    abs_sum = tl.sum(tl.abs(vals).to(tl.float64), axis=0)  # float64: cannot overflow for finite float32 values
+    scale = _clamp_min((abs_sum / n.to(tl.float64)).to(tl.float32), TINY)
     v = tl.div_rn(vals, scale)
     mean = tl.div_rn(tl.sum(tl.where(valid, v, 0.0), axis=0), n)
     dev = tl.where(valid, v - mean, 0.0)
@@ -47,9 +56,7 @@ def _gate_epilogue_kernel(
     STAT: tl.constexpr, REF: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXT: tl.constexpr,
     PB: tl.constexpr, WP: tl.constexpr, TINY: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.arange(0, PB)
-    parts = tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0).to(tl.float64)
-    e = tl.sum(parts, axis=0).to(tl.float32)
+    e = sum_partials(partials_ptr, n_partials, PB).to(tl.float32)  # the finalize kernel's order: same bits
     if HAS_SCALE:
         s = tl.load(scale_ptr).to(tl.float32)
         e = tl.div_rn(e, s * s)
@@ -68,10 +75,10 @@ def _gate_epilogue_kernel(
     z_i = _zscore(window_ptr + W, W, filled_i, inc, std_floor, TINY, WP)
     full_e = filled_e >= W
     full_i = filled_i >= W
-    if STAT == 0:
+    if STAT == STAT_ENERGY:
         z = z_e
         full = full_e
-    elif STAT == 1:
+    elif STAT == STAT_INCREMENT:
         z = tl.where(inc_ok, z_i, 0.0)
         full = full_i
     else:  # fmax: ignore a NaN operand
@@ -81,9 +88,9 @@ def _gate_epilogue_kernel(
     active = (k > 1) & full & observed
     trip = active & (z > tau)
     skipped = stopped_before | trip
-    if REF == 0:
+    if REF == REF_FIRST_PASS:
         enter = observed & (k == 1)
-    elif REF == 1:
+    elif REF == REF_ACCEPTED:
         enter = skipped == 0
     else:
         enter = observed
@@ -131,7 +138,7 @@ def gate_epilogue_(
     statistic: int,
     reference: int,
 ) -> None:
-    """One launch: the gate update on the state tensors (see :func:`dgg_fused.ops.gate_epilogue_`)."""
+    """One launch: the gate update on the state tensors (the kernel of ``dgg_fused::gate_epilogue_triton``)."""
     w = window.shape[1]
     n = partials.numel()
     wp = max(16, triton.next_power_of_2(w))
@@ -142,6 +149,6 @@ def gate_epilogue_(
         window, w, filled, prev_energy, reuse_index, stopped.view(torch.int8), counters, last, skip,
         float(tau), float(std_floor),
         STAT=statistic, REF=reference, HAS_SCALE=grad_scale is not None, HAS_EXT=external_skip is not None,
-        PB=max(16, triton.next_power_of_2(n)), WP=wp, TINY=_TINY,
+        PB=partials_block(n), WP=wp, TINY=_TINY,
         num_warps=min(8, max(1, wp // 256)),  # one warp for the usual windows (<= 256), more for huge ones
     )  # fmt: skip

@@ -1,4 +1,6 @@
-"""The DGG rule (dgg_fused.gate) against an independent float64 numpy implementation of docs/rule.md."""
+"""dgg_fused.gate: the rule against an independent float64 numpy implementation of docs/rule.md, the gate state and
+its checkpoint validation, the shared codes of every encoding, and each fused twin (C++ here; Triton in
+tests/test_kernels_triton_interpreted.py, CUDA in tests/test_gpu_kernels.py) against the reference."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from hypothesis import strategies as st
 
 from dgg_fused import GateConfig
 from dgg_fused.config import REFERENCES, STATISTICS
-from dgg_fused.gate import GateState, gate_step_, zscore
+from dgg_fused.gate import GateState, gate_step_, resolve_impl, zscore
+from dgg_fused.ops import available_backends
+from gate_harness import CONFIGS, run_and_compare, sequence
 
 TINY = float(np.finfo(np.float32).tiny)
 
@@ -246,3 +250,135 @@ def test_gate_state_round_trip_and_validation():
     bad["counters"] = bad["counters"].float()
     with pytest.raises(ValueError, match="counters"):
         b.load_state_dict(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- fused twins
+
+needs_cpp = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="dgg_fused._C not built")
+
+
+def test_auto_on_cpu_is_the_cpp_twin_when_built():
+    expected = "cpp" if "cpp" in available_backends("cpu") else "reference"
+    assert resolve_impl("auto", torch.device("cpu")) == expected
+    assert resolve_impl("reference", torch.device("cpu")) == "reference"
+
+
+def test_unknown_or_unavailable_impl_raises():
+    with pytest.raises(ValueError, match="gate impl"):
+        resolve_impl("fast", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="not available"):
+        resolve_impl("cuda", torch.device("cpu"))
+
+
+@needs_cpp
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.statistic}-{c.reference}-w{c.window}")
+@pytest.mark.parametrize("adversarial", [False, True], ids=["random", "adversarial"])
+def test_cpp_epilogue_matches_reference(config, adversarial):
+    trips = 0
+    for seed in range(2):
+        trips += run_and_compare("cpp", config, sequence(seed * 7 + adversarial, n=45, adversarial=adversarial))
+    if not adversarial and config.reference != "all":
+        assert trips > 0, "the sequences never tripped the gate: the comparison would not cover trips"
+
+
+@needs_cpp
+def test_cpp_epilogue_sums_partials_and_scales():
+    cfg = GateConfig(window=2, tau=0.5)
+    a = GateState.create(2, "cpu")
+    b = GateState.create(2, "cpu")
+    gate_step_(a, torch.tensor(12.0) / torch.tensor(2.0).square(), cfg, impl="reference")
+    gate_step_(b, torch.tensor([6.0, 4.0, 2.0]), cfg, grad_scale=torch.tensor(2.0), impl="cpp")
+    for name, t in a.tensors().items():
+        assert torch.equal(t, b.tensors()[name]), name
+
+
+@needs_cpp
+def test_cpp_epilogue_window_not_full_never_trips():
+    cfg = GateConfig(window=8, tau=0.1)
+    st = GateState.create(8, "cpu")
+    for i in range(7):
+        st.reuse_index.fill_(1)
+        gate_step_(st, torch.tensor(1.0 + i), cfg, impl="cpp")
+    st.reuse_index.fill_(2)
+    gate_step_(st, torch.tensor(1e30), cfg, impl="cpp")
+    assert st.skip.item() == 0.0 and st.filled.tolist() == [7, 6]
+    st.reuse_index.fill_(1)
+    gate_step_(st, torch.tensor(2.0), cfg, impl="cpp")
+    st.reuse_index.fill_(2)
+    gate_step_(st, torch.tensor(1e30), cfg, impl="cpp")
+    assert st.skip.item() == 1.0 and bool(st.stopped)
+
+
+@needs_cpp
+def test_cpp_epilogue_rejects_bad_state():
+    st = GateState.create(4, "cpu")
+    st.counters = st.counters.to(torch.int32)
+    with pytest.raises(RuntimeError, match="counters"):
+        gate_step_(st, torch.tensor(1.0), GateConfig(window=4), impl="cpp")
+
+
+# ---------------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("impl", ["reference"] + (["cpp"] if "cpp" in available_backends("cpu") else []))
+def test_window_near_float32_max_keeps_a_finite_scale(impl):
+    """D5: window energies ~6e37 (their float32 sum overflows): a 5x spike still has a large, finite Z-score and
+    trips; a look-alike does not."""
+    cfg = GateConfig(window=8, tau=3.0)
+    st = GateState.create(8, "cpu")
+    for i in range(8):
+        st.set_reuse_index(1)
+        gate_step_(st, torch.tensor(6e37 * (1.0 + 0.01 * (i % 3))), cfg, impl=impl)
+    st.set_reuse_index(2)
+    gate_step_(st, torch.tensor(6.05e37), cfg, impl=impl)
+    assert st.skip.item() == 0.0 and math.isfinite(st.last[1].item())
+    gate_step_(st, torch.tensor(3e38), cfg, impl=impl)
+    z = st.last[1].item()
+    assert st.skip.item() == 1.0 and math.isfinite(z) and z > 100, z
+
+
+# ---------------------------------------------------------------------------------------------------- shared codes
+def test_cpp_enums_match_the_shared_codes():
+    """The C++ twin's encoding of statistic/reference (csrc/gate_epilogue.h) is the one of dgg_fused.config."""
+    import re
+    from pathlib import Path
+
+    from dgg_fused.config import Reference, Statistic
+
+    header = (Path(__file__).parent.parent / "csrc" / "gate_epilogue.h").read_text()
+
+    def enum(name):
+        body = re.search(rf"enum {name} : int64_t \{{([^}}]*)\}}", header).group(1)
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
+
+    assert enum("Statistic") == {"kEnergy": Statistic.ENERGY, "kIncrement": Statistic.INCREMENT, "kBoth": Statistic.BOTH}
+    assert enum("Reference") == {"kFirstPass": Reference.FIRST_PASS, "kAccepted": Reference.ACCEPTED,
+                                 "kAll": Reference.ALL}
+
+
+def test_triton_constexprs_are_the_shared_codes():
+    """The Triton twin takes its codes from dgg_fused.config (read from the source: importing it needs triton)."""
+    from pathlib import Path
+
+    import dgg_fused.gate
+
+    src = (Path(dgg_fused.gate.__file__).parent / "_triton.py").read_text()
+    assert "from ..config import Reference, Statistic" in src
+    for code in ("STAT_ENERGY", "STAT_INCREMENT", "REF_FIRST_PASS", "REF_ACCEPTED"):
+        assert f"{code} = tl.constexpr(int(" in src, code
+    assert "STAT == 0" not in src and "REF == 0" not in src and "STAT == 1" not in src
+
+
+def test_fused_ops_take_numbers_not_gate_names():
+    """The epilogue is an op: one Python schema (the Triton op's), the C++ one the same signature."""
+    from dgg_fused.gate.fused import SCHEMA
+
+    schema = torch.ops.dgg_fused.gate_epilogue_triton.default._schema
+    assert str(schema).endswith(SCHEMA.split("(", 1)[1].rsplit("->", 1)[0].strip().rstrip(")") + ") -> ()")
+    if "cpp" in available_backends("cpu"):
+        from dgg_fused.gate.fused import _compiled_op
+
+        c = _compiled_op().default._schema
+        assert [a.type for a in c.arguments] == [a.type for a in schema.arguments]
+        st = GateState.create(4, "cpu")
+        args = (torch.tensor([1.0]), None, None, st.window, st.filled, st.prev_energy, st.reuse_index, st.stopped,
+                st.counters, st.last, st.skip, 0.3, 1e-3, 0, 0)
+        torch.library.opcheck(_compiled_op().default, args, test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,213 @@
+"""GateState: the device-resident state of one gate, and its checkpoint form (validated before anything is written)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+__all__ = ["GateState", "LAST_ENERGY", "LAST_STATISTIC", "LAST_GATED", "LAST_SKIPPED", "CNT_STEPS",
+           "CNT_GATED_STEPS", "CNT_STOPPED_BATCHES"]  # fmt: skip
+
+# Index of each scalar in ``GateState.last`` (the metrics of the most recent step).
+LAST_ENERGY, LAST_STATISTIC, LAST_GATED, LAST_SKIPPED = range(4)
+# Index of each counter in ``GateState.counters``.
+CNT_STEPS, CNT_GATED_STEPS, CNT_STOPPED_BATCHES = range(3)
+
+
+@dataclass
+class GateState:
+    """Device-resident state of one gate. All tensors live on the lm_head gradient's device.
+
+    Attributes:
+        window: ``(2, W)`` float32 shift buffer; row 0 holds reference energies, row 1 reference increments.
+            The newest entry is at the end; the valid entries of a row are its last ``filled[row]`` ones.
+        filled: ``(2,)`` int64, number of valid entries per row (at most W).
+        prev_energy: ``()`` float32, the last finite energy observed (NaN before the first one).
+        reuse_index: ``()`` int64, the current reuse pass k (1 = on-policy), written by :meth:`set_reuse_index`.
+        stopped: ``()`` bool, the current batch has tripped the gate.
+        counters: ``(3,)`` int64: steps, gated (skipped) steps, stopped batches.
+        last: ``(4,)`` float32 metrics of the last step: energy, statistic (Z-score), gated (0/1), skipped (0/1).
+        skip: ``()`` float32, 1.0 when the last step must not be applied, else 0.0 (the ``found_inf`` protocol).
+        drift_window: ``(W,)`` float32 shift buffer of reference drift values (``drift_rule="zscore"`` only).
+        drift_filled: ``()`` int64, number of valid entries of ``drift_window``.
+        drift_last: ``(2,)`` float32 metrics of the last step's drift rule: value, statistic (the value itself
+            for ``"threshold"``, its Z-score for ``"zscore"``); 0 until a drift statistic is observed.
+
+    The fused twins (C++/CUDA, Triton) read and write the energy part (``window`` .. ``skip``); a gate watching a
+    drift statistic runs the reference rule.
+    """
+
+    window: torch.Tensor
+    filled: torch.Tensor
+    prev_energy: torch.Tensor
+    reuse_index: torch.Tensor
+    stopped: torch.Tensor
+    counters: torch.Tensor
+    last: torch.Tensor
+    skip: torch.Tensor
+    drift_window: torch.Tensor
+    drift_filled: torch.Tensor
+    drift_last: torch.Tensor
+
+    #: Tensors added after the first checkpoint format; a checkpoint without them loads with fresh values.
+    OPTIONAL = ("drift_window", "drift_filled", "drift_last")
+
+    @classmethod
+    def create(cls, window: int, device: torch.device | str) -> "GateState":
+        dev = torch.device(device)
+        return cls(
+            window=torch.zeros(2, window, dtype=torch.float32, device=dev),
+            filled=torch.zeros(2, dtype=torch.int64, device=dev),
+            prev_energy=torch.full((), float("nan"), dtype=torch.float32, device=dev),
+            reuse_index=torch.ones((), dtype=torch.int64, device=dev),
+            stopped=torch.zeros((), dtype=torch.bool, device=dev),
+            counters=torch.zeros(3, dtype=torch.int64, device=dev),
+            last=torch.zeros(4, dtype=torch.float32, device=dev),
+            skip=torch.zeros((), dtype=torch.float32, device=dev),
+            drift_window=torch.zeros(window, dtype=torch.float32, device=dev),
+            drift_filled=torch.zeros((), dtype=torch.int64, device=dev),
+            drift_last=torch.zeros(2, dtype=torch.float32, device=dev),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.skip.device
+
+    @property
+    def window_size(self) -> int:
+        return self.window.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def set_reuse_index(self, k: int) -> None:
+        """Write the reuse pass k (one tiny device write, no sync); ``k == 1`` starts a new batch (clears stopped)."""
+        self.reuse_index.fill_(k)
+        if k == 1:
+            self.stopped.fill_(False)
+
+    def window_filled(self, config: Any) -> torch.Tensor:
+        """0-d int64: how many reference observations the window(s) ``config``'s rule needs hold (it can trip only
+        at ``config.window``). The energy rule's row(s) (``"both"``: the emptier row), the drift Z-score's window;
+        with both rules on, the fuller one for ``combine="any"`` (either can act), the emptier for ``"all"``; a drift
+        threshold rule alone needs no window (always full)."""
+        fills = []
+        if config.energy:
+            stat = config.statistic
+            fills.append(self.filled[0] if stat == "energy" else self.filled[1] if stat == "increment" else self.filled.min())
+        if config.drift is not None and config.drift_rule == "zscore":
+            fills.append(self.drift_filled)
+        if not fills:
+            return torch.full((), self.window_size, dtype=torch.int64, device=self.device)
+        if len(fills) == 1:
+            return fills[0].reshape(())
+        pick = torch.maximum if config.combine == "any" else torch.minimum
+        return pick(fills[0], fills[1]).reshape(())
+
+    def metrics(self, drift: bool = False) -> dict[str, torch.Tensor]:
+        """The gate's metrics as 0-d device tensors (views of live state); ``drift=True`` adds ``drift`` and
+        ``drift_statistic``."""
+        out = {
+            "energy": self.last[LAST_ENERGY],
+            "statistic": self.last[LAST_STATISTIC],
+            "gated": self.last[LAST_GATED],
+            "skipped": self.last[LAST_SKIPPED],
+            "steps": self.counters[CNT_STEPS],
+            "gated_steps": self.counters[CNT_GATED_STEPS],
+            "stopped_batches": self.counters[CNT_STOPPED_BATCHES],
+            "reuse_index": self.reuse_index,
+        }
+        if drift:
+            out["drift"] = self.drift_last[0]
+            out["drift_statistic"] = self.drift_last[1]
+        return out
+
+    def metrics_host(self, drift: bool = False, window_filled: torch.Tensor | None = None) -> dict[str, float | int]:
+        """:meth:`metrics` as Python numbers: one device-to-host copy (a sync). ``window_filled`` (0-d, from
+        :meth:`window_filled`) is packed into the same copy and returned under that key."""
+        wf = (window_filled if window_filled is not None else torch.zeros((), device=self.device)).reshape(1)
+        packed = torch.cat(
+            [self.last.double(), self.counters.double(), self.reuse_index.reshape(1).double(), self.drift_last.double(),
+             wf.double()]
+        )
+        e, s, gated, skipped, steps, gsteps, sbatches, k, d, ds, wfill = packed.cpu().tolist()
+        out = {
+            "energy": e,
+            "statistic": s,
+            "gated": gated,
+            "skipped": skipped,
+            "steps": int(steps),
+            "gated_steps": int(gsteps),
+            "stopped_batches": int(sbatches),
+            "reuse_index": int(k),
+        }
+        if drift:
+            out["drift"] = d
+            out["drift_statistic"] = ds
+        if window_filled is not None:
+            out["window_filled"] = int(wfill)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of every tensor (a checkpoint must not alias live state)."""
+        return {k: v.detach().clone() for k, v in self.tensors().items()}
+
+    def load_state_dict(self, sd: dict[str, Any], *, max_reuse: int | None = None) -> None:
+        """Copy a :meth:`state_dict` into this state in place (addresses stay stable for CUDA graphs).
+
+        Validates every key, shape, dtype and value (``filled`` in [0, W], counters >= 0 and consistent,
+        ``reuse_index`` in [1, ``max_reuse``], ``skip`` 0 or 1, ``last`` flags 0 or 1) before writing anything, so a
+        bad checkpoint changes nothing. Reading the values is one host sync: loading is not a training step.
+        """
+        mine = self.tensors()
+        if any(k not in sd for k in self.OPTIONAL):  # an older checkpoint: fresh drift state
+            fresh = GateState.create(self.window_size, self.device).tensors()
+            sd = {**{k: fresh[k] for k in self.OPTIONAL}, **sd}
+        missing, unknown = set(mine) - set(sd), set(sd) - set(mine)
+        if missing or unknown:
+            raise ValueError(f"gate state: missing keys {sorted(missing)}, unexpected keys {sorted(unknown)}")
+        for k, dst in mine.items():
+            src = sd[k]
+            if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+                got = (tuple(src.shape), src.dtype) if isinstance(src, torch.Tensor) else type(src).__name__
+                raise ValueError(
+                    f"gate state '{k}': expected shape {tuple(dst.shape)} dtype {dst.dtype}, got {got}"
+                    " (was the checkpoint written with another GateConfig.window?)"
+                )
+        _check_values({k: sd[k] for k in mine}, self.window_size, max_reuse)
+        for k, dst in mine.items():
+            dst.copy_(sd[k])
+
+    def to(self, device: torch.device | str) -> None:
+        """Move every tensor to ``device`` (in place on this object)."""
+        for k, v in self.tensors().items():
+            setattr(self, k, v.to(device))
+
+
+def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None) -> None:
+    filled = sd["filled"].cpu().tolist()
+    if any(not (0 <= f <= w) for f in filled):
+        raise ValueError(f"gate state 'filled' must be in [0, {w}], got {filled}")
+    k = int(sd["reuse_index"].cpu())
+    hi = max_reuse if max_reuse is not None else 1 << 62
+    if not (1 <= k <= hi):
+        raise ValueError(f"gate state 'reuse_index' must be in [1, {max_reuse}], got {k}")
+    steps, gated, trips = sd["counters"].cpu().tolist()
+    if min(steps, gated, trips) < 0 or gated > steps or trips > gated:
+        raise ValueError(
+            f"gate state 'counters' must satisfy 0 <= stopped_batches <= gated_steps <= steps, got {[steps, gated, trips]}"
+        )
+    skip = float(sd["skip"].cpu())
+    last = sd["last"].cpu().tolist()
+    if skip not in (0.0, 1.0) or last[LAST_GATED] not in (0.0, 1.0) or last[LAST_SKIPPED] not in (0.0, 1.0):
+        raise ValueError(f"gate state: 'skip' and the gated/skipped flags of 'last' must be 0 or 1, got {skip}, {last}")
+    df = int(sd["drift_filled"].cpu())
+    if not (0 <= df <= w):
+        raise ValueError(f"gate state 'drift_filled' must be in [0, {w}], got {df}")
+    w_vals = sd["window"]
+    for row in range(2):
+        f = filled[row]
+        if f and not bool(torch.isfinite(w_vals[row, w - f :]).all()):
+            raise ValueError(f"gate state 'window' row {row} holds non-finite values among its {f} valid entries")
