@@ -149,6 +149,21 @@ class GateConfig:
         """:attr:`reference` as its shared integer code."""
         return Reference[self.reference.upper()]
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> "GateConfig":
+        """The paper's rule (arXiv 2605.19425): the Z-score of the lm_head gradient energy against a window of
+        first-pass energies, tau 0.3, K = 4 — the default ``GateConfig()``. In our testbed (README, Results;
+        docs/ablation.md) it does not see harmful reuse: it trips on 2–9 of 30 batches where naive reuse collapses."""
+        return cls(**overrides)
+
+    @classmethod
+    def recommended(cls, **overrides: Any) -> "GateConfig":
+        """The gate the testbed's table picked (docs/ablation.md, by a rule fixed in advance): PPO's target-KL early
+        stop as a drift gate — ``energy=False, drift="approx_kl", drift_threshold=0.02`` — exact and sync-free; feed
+        it ``opt.record_drift(**drift_stats(logp, old_logp, mask))`` each step. The least harmful reuse stop we
+        measured, not a safe one: it misses two of our pre-registered targets (see the README's Results)."""
+        return cls(**{"energy": False, "drift": "approx_kl", "drift_threshold": 0.02, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-serialisable), the form stored in checkpoints."""
         return asdict(self)

@@ -294,3 +294,12 @@ def test_drift_gate_checkpoint_round_trip_and_old_checkpoints():
     opt3 = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=None, config=cfg)
     opt3.load_state_dict(sd)
     assert opt3._gate.drift_filled.item() == 0
+
+
+def test_named_presets():
+    assert GateConfig.paper() == GateConfig()
+    rec = GateConfig.recommended()
+    assert (rec.energy, rec.drift, rec.drift_rule, rec.drift_threshold) == (False, "approx_kl", "threshold", 0.02)
+    assert GateConfig.recommended(drift_threshold=0.05, max_reuse=8).drift_threshold == 0.05
+    with pytest.raises(ValueError, match="drift_threshold"):
+        GateConfig.recommended(drift_threshold=-1.0)
