@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
-import socket
-import tempfile
 import traceback
 
 import pytest
@@ -22,10 +19,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dgg_fused import GateConfig, grad_sumsq  # noqa: E402
+from multiproc import dump_result, rank_env, run_ranks  # noqa: E402
 
 WORLD = 2
 VOCAB, HIDDEN = 37, 8
@@ -166,8 +163,7 @@ def _scenario(rank: int, stage: int, ckpt_dir: str) -> dict:
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    rank_env(rank, WORLD, port, DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     results: dict = {}
     try:
@@ -185,37 +181,14 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             except Exception:  # noqa: BLE001 - reported by the test
                 results[stage] = {"error": traceback.format_exc()}
     finally:
-        with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(results, f)
+        dump_result(outdir, rank, results)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as d:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, d)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(TIMEOUT_S)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                pytest.fail("DeepSpeed workers timed out (deadlock?)")
-        out = []
-        for r in range(WORLD):
-            with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
-                out.append(pickle.load(f))
-    return out
+    return run_ranks(_worker, WORLD, TIMEOUT_S, what="DeepSpeed workers")
 
 
 def _ok(results, stage):
@@ -270,8 +243,7 @@ def test_checkpoint_keeps_gate_state(results, stage):
 
 
 def _trl_worker(rank: int, port: int, outdir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    rank_env(rank, WORLD, port, DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     res: dict = {}
     try:
@@ -313,31 +285,13 @@ def _trl_worker(rank: int, port: int, outdir: str) -> None:
     except Exception:  # noqa: BLE001 - reported by the test
         res = {"error": traceback.format_exc()}
     finally:
-        with open(os.path.join(outdir, f"trl{rank}.pkl"), "wb") as f:
-            pickle.dump(res, f)
+        dump_result(outdir, rank, res)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def test_trl_grpo_under_accelerate_zero2_and_zero3_two_ranks():
-    with tempfile.TemporaryDirectory() as d:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_trl_worker, args=(r, port, d)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(TIMEOUT_S)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                pytest.fail("TRL + DeepSpeed workers timed out")
-        res = []
-        for r in range(WORLD):
-            with open(os.path.join(d, f"trl{r}.pkl"), "rb") as f:
-                res.append(pickle.load(f))
-    for r, x in enumerate(res):
-        assert "error" not in x, f"rank {r}:\n{x['error']}"
+    res = run_ranks(_trl_worker, WORLD, TIMEOUT_S, what="TRL + DeepSpeed workers")
     for stage in (2, 3):
         for x in (res[0][stage], res[1][stage]):
             assert x["type"] == "DeepSpeedGatedOptimizer" and x["engine"] == "DeepSpeedEngine"

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
-import socket
-import tempfile
-import time
 import traceback
 
 import pytest
 
 pytest.importorskip("verl")
 torch = pytest.importorskip("torch")
-import torch.multiprocessing as mp  # noqa: E402
+from multiproc import dump_result, rank_env, run_ranks  # noqa: E402
 
 K = 4
 B, T, R = 8, 12, 6  # sequences per update, tokens per sequence, response tokens
@@ -183,9 +179,8 @@ def _scenario(rank: int, world: int, path: str, ckpt_dir: str) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, d: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", VERL_PLATFORM="cpu")
+def _worker(rank: int, port: int, d: str, world: int) -> None:
+    rank_env(rank, world, port, VERL_PLATFORM="cpu")
     torch.set_num_threads(1)
     res: dict = {}
     try:
@@ -204,41 +199,15 @@ def _worker(rank: int, world: int, port: int, d: str) -> None:
     except Exception:  # noqa: BLE001 - reported by the test
         res = {"error": traceback.format_exc()}
     finally:
-        with open(os.path.join(d, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(res, f)
+        dump_result(d, rank, res)
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int) -> list[dict]:
-    with tempfile.TemporaryDirectory() as d:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, d)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.time() + TIMEOUT_S
-        for p in procs:
-            p.join(max(1.0, deadline - time.time()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                pytest.fail("verl workers timed out")
-        out = []
-        for r in range(world):
-            with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
-                out.append(pickle.load(f))
-    for r, x in enumerate(out):
-        assert "error" not in x, f"rank {r} of {world}:\n{x['error']}"
-    return out
+    return run_ranks(_worker, world, TIMEOUT_S, world, what=f"verl workers ({world} ranks)")
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
