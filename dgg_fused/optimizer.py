@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -93,6 +93,18 @@ def _lm_head_params(lm_head: Any) -> list[torch.Tensor]:
     if len(devices) > 1:
         raise ValueError(f"lm_head parameters must live on one device, got {sorted(map(str, devices))}")
     return uniq
+
+
+class StepDecision(NamedTuple):
+    """How the inner step of one :meth:`GatedOptimizer.step` runs (returned by :meth:`GatedOptimizer.decide_`).
+
+    ``run_inner``: False when the host path decided to skip it; ``found_inf``: the 0-d float32 device flag handed
+    to a fused optimizer (1.0 = skip on the device; None on the host path without a GradScaler); ``grad_scale``: the
+    scale handed with it (the GradScaler's, or the folded clip coefficient's; None for none)."""
+
+    run_inner: bool
+    found_inf: torch.Tensor | None
+    grad_scale: torch.Tensor | None
 
 
 class _HostStopFlag:
@@ -548,6 +560,19 @@ class GatedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        d = self.decide_()
+        if d.run_inner:
+            self._step_inner(d.found_inf, d.grad_scale)
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, args, kwargs)
+        return loss
+
+    def decide_(self) -> "StepDecision":
+        """The gate's half of :meth:`step`: measure, clip (``max_grad_norm``), update the gate and publish
+        :attr:`reuse_stopped`; return how the inner step must run, without running it. :meth:`step` is
+        ``decide_()`` then the inner step under the returned ``found_inf`` / ``grad_scale``. Engines whose inner
+        optimizer is stepped several times per training step (DeepSpeed ZeRO: once per parameter group or
+        sub-group) take one decision and apply it to every call. No host sync on the sync-free path."""
         self._warn_no_reuse_index()
 
         scaler_scale = getattr(self, "grad_scale", None)  # set by GradScaler when grads are still scaled
@@ -617,13 +642,8 @@ class GatedOptimizer(torch.optim.Optimizer):
                 # torch's fused SGD would allocate its momentum uninitialised on a step the scaler drops: decide
                 # that drop on the host too, once, until every buffer exists.
                 run_inner = not bool(scaler_inf)
-        if run_inner:
-            self._step_inner(found_inf, inner_scale)
         self._stop_flag.publish(self._gate.stopped)
-
-        for hook in list(self._optimizer_step_post_hooks.values()):
-            hook(self, args, kwargs)
-        return loss
+        return StepDecision(run_inner, found_inf, inner_scale)
 
     def _step_inner(self, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None) -> None:
         inner = self.optimizer

@@ -544,3 +544,26 @@ def test_window_filled_metric_counts_the_rules_window(config, expect):
         assert opt.metrics["window_filled"].item() == opt.get_metrics()["window_filled"]
         got.append(opt.get_metrics()["window_filled"])
     assert got == expect
+
+
+def test_decide_is_the_gates_half_of_step():
+    """decide_() updates the gate and returns the inner step's found_inf without touching a parameter; applying it
+    to the inner optimizer equals step() bit for bit (how the DeepSpeed mode applies one decision per group)."""
+    m_a, m_b = make_model(), make_model()
+    a, b = gated("adamw_fused", m_a, TRIP), gated("adamw_fused", m_b, TRIP)
+    for i, (k, scale) in enumerate([(1, 1.0), (1, 1.0), (1, 1.0), (2, 1.0), (1, 1.0), (2, 1e3)]):
+        for opt, m in ((a, m_a), (b, m_b)):
+            opt.set_reuse_index(k)
+            loss_fn(m, batch(i), scale).backward()
+        a.step()
+        before = snapshot(m_b, b)
+        d = b.decide_()
+        assert_bit_identical(before, snapshot(m_b, b), "decide_ touched the model")
+        assert d.run_inner and torch.equal(d.found_inf, b.metrics["skipped"])
+        b.optimizer.found_inf = d.found_inf
+        b.optimizer.step()
+        del b.optimizer.found_inf
+        a.zero_grad()
+        b.zero_grad()
+        assert_bit_identical(snapshot(m_a, a), snapshot(m_b, b), f"step {i}")
+    assert a.get_metrics() == b.get_metrics() and a.get_metrics()["gated_steps"] == 1

@@ -180,24 +180,22 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         fp16_checks = getattr(zero, "check_grad_overflow", False) or getattr(zero, "dynamic_loss_scale", False)
         if energy is not None and fp16_checks:
             overflow = (~torch.isfinite(energy)).to(torch.float32)  # ZeRO drops this step itself
-        inner = self.optimizer
-        groups = inner.param_groups
-        inner.param_groups = []  # the decision step: gate and counters only, no parameter is touched
         self.__dict__.pop("found_inf", None)
         if overflow is not None:
             self.found_inf = overflow  # the GradScaler protocol: an external skip the gate ignores
         try:
             if energy is not None:
                 self.record_energy(energy=energy)
-            super().step()
+            for hook in list(self._optimizer_step_pre_hooks.values()):  # this optimizer's step hooks: once per
+                hook(self, (), {})  # engine step, around the decision
+            decision = self.decide_()  # the gate's half of step(): no parameter is touched
+            for hook in list(self._optimizer_step_post_hooks.values()):
+                hook(self, (), {})
         finally:
-            inner.param_groups = groups
             self.__dict__.pop("found_inf", None)
-        skip = self.metrics["skipped"].clone()
-        self._ds_skip = skip
-        if not self._step_supports_amp_scaling:
-            # host path: one read per engine step on reuse passes (k == 1 never skips)
-            self._ds_run_inner = self.reuse_index == 1 or not bool(skip)
+        self._ds_skip = self.metrics["skipped"].clone()  # ZeRO drops an overflowed step itself
+        # host path: the one read per engine step on reuse passes (k == 1 never skips) was made by decide_()
+        self._ds_run_inner = decision.run_inner
 
     # ------------------------------------------------------------------ the client step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
