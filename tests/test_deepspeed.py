@@ -162,18 +162,23 @@ def _scenario(rank: int, stage: int, ckpt_dir: str) -> dict:
     return out
 
 
+def _no_shm_ops() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce is a C++ op built at first use (~70 s here); gloo does the job."""
+    import deepspeed.ops
+
+    for name in list(deepspeed.ops.__compatible_ops__):
+        if "shm" in name:
+            deepspeed.ops.__compatible_ops__[name] = False
+
+
 def _worker(rank: int, port: int, outdir: str) -> None:
     rank_env(rank, WORLD, port, DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     results: dict = {}
     try:
         import deepspeed
-        import deepspeed.ops
 
-        # DeepSpeed's CPU shared-memory all-reduce is a C++ op built at first use (~70 s here); gloo does the job.
-        for name in list(deepspeed.ops.__compatible_ops__):
-            if "shm" in name:
-                deepspeed.ops.__compatible_ops__[name] = False
+        _no_shm_ops()
         deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
         for stage in (1, 2, 3):
             try:
@@ -249,11 +254,7 @@ def _trl_worker(rank: int, port: int, outdir: str) -> None:
     try:
         import warnings
 
-        import deepspeed.ops
-
-        for name in list(deepspeed.ops.__compatible_ops__):
-            if "shm" in name:
-                deepspeed.ops.__compatible_ops__[name] = False
+        _no_shm_ops()
         import test_trl as T  # the tiny Llama, tokenizer and reward of the TRL tests
         from transformers import TrainerCallback
 
