@@ -18,11 +18,10 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
-import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dgg_fused import GateConfig, grad_sumsq  # noqa: E402
-from multiproc import dump_result, rank_env, run_ranks  # noqa: E402
+from multiproc import run_ranks  # noqa: E402
 
 WORLD = 2
 VOCAB, HIDDEN = 37, 8
@@ -32,6 +31,7 @@ K = 4
 STEPS = 5  # k = 1, 2, 3 (spike: trips), 4 (stopped), then 1 (a new batch)
 SPIKE_STEP = 2
 TIMEOUT_S = 240
+DS_ENV = {"DS_ACCELERATOR": "cpu"}
 # window of 2 over every observed step: steps 0 and 1 fill it, the spike at step 2 (k = 3) trips
 GATE = GateConfig(window=2, tau=50.0, std_floor=0.5, reference="all", max_reuse=K)
 
@@ -171,29 +171,23 @@ def _no_shm_ops() -> None:
             deepspeed.ops.__compatible_ops__[name] = False
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
-    rank_env(rank, WORLD, port, DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    results: dict = {}
-    try:
-        import deepspeed
+def _worker(rank: int, outdir: str) -> dict:
+    import deepspeed
 
-        _no_shm_ops()
-        deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        for stage in (1, 2, 3):
-            try:
-                results[stage] = _scenario(rank, stage, os.path.join(outdir, "ckpt"))
-            except Exception:  # noqa: BLE001 - reported by the test
-                results[stage] = {"error": traceback.format_exc()}
-    finally:
-        dump_result(outdir, rank, results)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    _no_shm_ops()
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    results: dict = {}
+    for stage in (1, 2, 3):
+        try:
+            results[stage] = _scenario(rank, stage, os.path.join(outdir, "ckpt"))
+        except Exception:  # noqa: BLE001 - reported by the test of that stage
+            results[stage] = {"error": traceback.format_exc()}
+    return results
 
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(_worker, WORLD, TIMEOUT_S, what="DeepSpeed workers")
+    return run_ranks(_worker, WORLD, TIMEOUT_S, env=DS_ENV, what="DeepSpeed workers")
 
 
 def _ok(results, stage):
@@ -247,52 +241,44 @@ def test_checkpoint_keeps_gate_state(results, stage):
 # ---------------------------------------------------------------- TRL GRPO through accelerate, ZeRO-2, 2 ranks
 
 
-def _trl_worker(rank: int, port: int, outdir: str) -> None:
-    rank_env(rank, WORLD, port, DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+def _trl_worker(rank: int, outdir: str) -> dict:
+    import warnings
+
+    _no_shm_ops()
+    import test_trl as T  # the tiny Llama, tokenizer and reward of the TRL tests
+    from transformers import TrainerCallback
+
+    from dgg_fused.integrations import unwrap_gated
+
+    class Rows(TrainerCallback):
+        def __init__(self):
+            self.rows = []
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            self.rows.append(unwrap_gated(optimizer).get_metrics())
+
+    # energy rule (never trips: tau huge) OR a KL threshold that every reuse pass exceeds: a trip at each k = 2
+    gate = GateConfig(window=2, tau=1e30, max_reuse=K, drift="approx_kl", drift_threshold=1e-9)
     res: dict = {}
-    try:
-        import warnings
-
-        _no_shm_ops()
-        import test_trl as T  # the tiny Llama, tokenizer and reward of the TRL tests
-        from transformers import TrainerCallback
-
-        from dgg_fused.integrations import unwrap_gated
-
-        class Rows(TrainerCallback):
-            def __init__(self):
-                self.rows = []
-
-            def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
-                self.rows.append(unwrap_gated(optimizer).get_metrics())
-
-        # energy rule (never trips: tau huge) OR a KL threshold that every reuse pass exceeds: a trip at each k = 2
-        gate = GateConfig(window=2, tau=1e30, max_reuse=K, drift="approx_kl", drift_threshold=1e-9)
-        for stage in (2, 3):
-            ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                  "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "bf16": {"enabled": "auto"},
-                  "zero_allow_untested_optimizer": True}
-            rows = Rows()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                args = T.make_args(outdir, max_steps=6, deepspeed=ds, bf16=True, use_cpu=True)
-                trainer = T.make_trainer(outdir, args, dgg_config=gate, callbacks=[rows])
-                trainer.train()
-            g = trainer.gated_optimizer
-            res[stage] = {"type": type(g).__name__, "engine": type(trainer.model_wrapped).__name__,
-                          "rows": rows.rows, "generations": trainer.dgg_generations,
-                          "inner_steps": sorted(float(s["step"]) for s in g.optimizer.state.values())}
-    except Exception:  # noqa: BLE001 - reported by the test
-        res = {"error": traceback.format_exc()}
-    finally:
-        dump_result(outdir, rank, res)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for stage in (2, 3):
+        ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "bf16": {"enabled": "auto"},
+              "zero_allow_untested_optimizer": True}
+        rows = Rows()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = T.make_args(outdir, max_steps=6, deepspeed=ds, bf16=True, use_cpu=True)
+            trainer = T.make_trainer(outdir, args, dgg_config=gate, callbacks=[rows])
+            trainer.train()
+        g = trainer.gated_optimizer
+        res[stage] = {"type": type(g).__name__, "engine": type(trainer.model_wrapped).__name__,
+                      "rows": rows.rows, "generations": trainer.dgg_generations,
+                      "inner_steps": sorted(float(s["step"]) for s in g.optimizer.state.values())}
+    return res
 
 
 def test_trl_grpo_under_accelerate_zero2_and_zero3_two_ranks():
-    res = run_ranks(_trl_worker, WORLD, TIMEOUT_S, what="TRL + DeepSpeed workers")
+    res = run_ranks(_trl_worker, WORLD, TIMEOUT_S, env=DS_ENV, what="TRL + DeepSpeed workers")
     for stage in (2, 3):
         for x in (res[0][stage], res[1][stage]):
             assert x["type"] == "DeepSpeedGatedOptimizer" and x["engine"] == "DeepSpeedEngine"

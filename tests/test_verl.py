@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import traceback
 
 import pytest
 
 pytest.importorskip("verl")
 torch = pytest.importorskip("torch")
-from multiproc import dump_result, rank_env, run_ranks  # noqa: E402
+from multiproc import run_ranks  # noqa: E402
 
 K = 4
 B, T, R = 8, 12, 6  # sequences per update, tokens per sequence, response tokens
@@ -179,35 +178,24 @@ def _scenario(rank: int, world: int, path: str, ckpt_dir: str) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, d: str, world: int) -> None:
-    rank_env(rank, world, port, VERL_PLATFORM="cpu")
-    torch.set_num_threads(1)
-    res: dict = {}
-    try:
-        import torch.distributed as dist
+def _worker(rank: int, d: str, world: int) -> dict:
+    import torch.distributed as dist
 
-        import verl_cpu_platform  # noqa: F401  (registers the "cpu" platform)
-        from dgg_fused.integrations import verl as dgg_verl
+    import verl_cpu_platform  # noqa: F401  (registers the "cpu" platform)
+    from dgg_fused.integrations import verl as dgg_verl
 
-        dgg_verl.register_device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        path = os.path.join(d, "model")
-        if rank == 0:
-            _make_model(path)
-        dist.barrier()
-        res = _scenario(rank, world, path, os.path.join(d, "ckpt"))
-    except Exception:  # noqa: BLE001 - reported by the test
-        res = {"error": traceback.format_exc()}
-    finally:
-        dump_result(d, rank, res)
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    dgg_verl.register_device("cpu")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    path = os.path.join(d, "model")
+    if rank == 0:
+        _make_model(path)
+    dist.barrier()
+    return _scenario(rank, world, path, os.path.join(d, "ckpt"))
 
 
 def _run(world: int) -> list[dict]:
-    return run_ranks(_worker, world, TIMEOUT_S, world, what=f"verl workers ({world} ranks)")
+    return run_ranks(_worker, world, TIMEOUT_S, world, env={"VERL_PLATFORM": "cpu"},
+                     what=f"verl workers ({world} ranks)")
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
