@@ -510,9 +510,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         """
         meter = self._meter()
         if energy is not None:
-            if not isinstance(energy, torch.Tensor) or energy.numel() != 1 or not energy.is_floating_point():
-                got = f"{tuple(energy.shape)} {energy.dtype}" if isinstance(energy, torch.Tensor) else type(energy).__name__
-                raise ValueError(f"record_energy(energy=...) takes a 0-d floating tensor, got {got}")
+            _check_one_float(energy, "record_energy(energy=...) takes a 0-d floating tensor")
             e = Energy(energy.detach().reshape(()).to(torch.float32), grad_scale)
         else:
             e = meter.measure(grad_scale, partials=False)
@@ -530,9 +528,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         for name, value in stats.items():
             if name not in DRIFT_STATS:
                 raise ValueError(f"record_drift: unknown statistic {name!r}; known: {DRIFT_STATS}")
-            if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
-                got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"record_drift: {name} must be a one-element floating tensor, got {got}")
+            _check_one_float(value, f"record_drift: {name} must be a one-element floating tensor")
         self._pending_drift.update({k: v.detach().reshape(()) for k, v in stats.items()})
 
     @property
@@ -777,6 +773,13 @@ class GatedOptimizer(torch.optim.Optimizer):
 # from wrapping it a second time (which would run the global hooks twice). tests/test_optimizer.py checks both on
 # the installed torch.
 GatedOptimizer.step.hooked = True  # type: ignore[attr-defined]
+
+
+def _check_one_float(value: Any, message: str) -> None:
+    """``ValueError(message + what was given)`` unless ``value`` is a one-element floating tensor."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+        got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{message}, got {got}")
 
 
 def _first_device(optimizer: torch.optim.Optimizer) -> torch.device:
