@@ -76,32 +76,33 @@ def update_reference_(
         e = energy_from(energy, grad_scale)
         if e.device != dev:
             e = e.to(dev)
-    finite = torch.isfinite(e)
     stopped_before = state.stopped.clone()
     observed = ~stopped_before
     if external_skip is not None:
         observed = observed & ~(external_skip.reshape(()) > 0)
     k = state.reuse_index
     w = state.window.shape[1]
-
-    inc = e - state.prev_energy
-    inc_ok = torch.isfinite(inc)
-
-    z_e = zscore(state.window[0], state.filled[0], e, config.std_floor)
-    z_i = zscore(state.window[1], state.filled[1], inc, config.std_floor)
-    full_e = state.filled[0] >= w
-    full_i = state.filled[1] >= w
-    stat = config.statistic_code
-    if stat == Statistic.ENERGY:
-        z, full = z_e, full_e
-    elif stat == Statistic.INCREMENT:
-        z, full = torch.where(inc_ok, z_i, torch.zeros_like(z_i)), full_i
-    else:  # BOTH: fmax ignores the NaN of an undefined increment
-        z, full = torch.fmax(z_e, z_i), full_e & full_i
     inf = torch.full((), float("inf"), dtype=torch.float32, device=e.device)
-    z = torch.where(finite, z, inf)
 
-    cond = full & (z > config.tau)  # the energy rule
+    if config.energy:  # the energy rule (without it: no energy statistic, its window and prev_energy untouched)
+        finite = torch.isfinite(e)
+        inc = e - state.prev_energy
+        inc_ok = torch.isfinite(inc)
+        z_e = zscore(state.window[0], state.filled[0], e, config.std_floor)
+        z_i = zscore(state.window[1], state.filled[1], inc, config.std_floor)
+        full_e = state.filled[0] >= w
+        full_i = state.filled[1] >= w
+        stat = config.statistic_code
+        if stat == Statistic.ENERGY:
+            z, full = z_e, full_e
+        elif stat == Statistic.INCREMENT:
+            z, full = torch.where(inc_ok, z_i, torch.zeros_like(z_i)), full_i
+        else:  # BOTH: fmax ignores the NaN of an undefined increment
+            z, full = torch.fmax(z_e, z_i), full_e & full_i
+        z = torch.where(finite, z, inf)
+        cond = full & (z > config.tau)
+    else:
+        z = torch.full((), float("nan"), dtype=torch.float32, device=e.device)
     if config.uses_drift:
         d = drift.detach().reshape(())
         d = (d if d.device == dev else d.to(dev)).to(torch.float32)
@@ -130,21 +131,21 @@ def update_reference_(
         enter = ~skipped
     else:  # ALL
         enter = observed
-    enter_e = enter & finite
-    enter_i = enter & finite & inc_ok
-    _push_(state.window[0], e, enter_e)
-    _push_(state.window[1], inc, enter_i)
+    if config.energy:
+        enter_e = enter & finite
+        enter_i = enter & finite & inc_ok
+        _push_(state.window[0], e, enter_e)
+        _push_(state.window[1], inc, enter_i)
+        state.filled.add_(torch.stack([enter_e, enter_i]).to(torch.int64)).clamp_(max=w)
+        state.prev_energy.copy_(torch.where(observed & finite, e, state.prev_energy))
     if config.uses_drift:
         enter_d = enter & d_finite
         if config.drift_rule == "zscore":
             _push_(state.drift_window, d, enter_d)
             state.drift_filled.add_(enter_d.to(torch.int64)).clamp_(max=w)
         state.drift_last.copy_(torch.stack([d, d_stat]))
-    state.filled.add_(torch.stack([enter_e, enter_i]).to(torch.int64)).clamp_(max=w)
-    state.prev_energy.copy_(torch.where(observed & finite, e, state.prev_energy))
     state.stopped.copy_(skipped)
     state.counters.add_(torch.stack([torch.ones_like(trip), skipped, trip]).to(torch.int64))
     skip = skipped.to(torch.float32)
-    z_out = z if config.energy else torch.full_like(z, float("nan"))  # no energy statistic without the energy rule
-    state.last.copy_(torch.stack([e, z_out, trip.to(torch.float32), skip]))
+    state.last.copy_(torch.stack([e, z, trip.to(torch.float32), skip]))
     state.skip.copy_(skip)
