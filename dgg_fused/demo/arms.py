@@ -92,26 +92,25 @@ class Gated(Arm):
     def describe(self) -> str:
         g = self.gate
         parts = []
-        if getattr(g, "energy", True):
+        if g.energy:
             parts.append(f"energy Z (window={g.window}, tau={g.tau}, statistic={g.statistic}, "
                          f"reference={g.reference})")
-        drift = getattr(g, "drift", None)
-        if drift is not None:
-            rule = getattr(g, "drift_rule", "threshold")
-            parts.append(f"{drift} > {g.drift_threshold}" if rule == "threshold" else f"{drift} Z > tau={g.tau}")
-        comb = " OR " if getattr(g, "combine", "any") == "any" else " AND "
+        if g.drift is not None:
+            parts.append(f"{g.drift} > {g.drift_threshold}" if g.drift_rule == "threshold"
+                         else f"{g.drift} Z > tau={g.tau}")
+        comb = " OR " if g.combine == "any" else " AND "
         return f"GatedOptimizer K={g.max_reuse}: " + comb.join(parts)
 
     def wrap(self, inner: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
-        lm_head = model.lm_head if getattr(self.gate, "energy", True) else None
+        lm_head = model.lm_head if self.gate.energy else None
         return GatedOptimizer(inner, lm_head=lm_head, config=self.gate)
 
     def before_step(self, opt: torch.optim.Optimizer, logp: torch.Tensor, old_logp: torch.Tensor,
                     mask: torch.Tensor, clip_eps: float) -> None:
         assert isinstance(opt, GatedOptimizer)
-        if getattr(self.gate, "energy", True):
+        if self.gate.energy:
             opt.record_energy()  # before clipping, like the paper
-        if getattr(self.gate, "drift", None) is not None:
+        if self.gate.drift is not None:
             from .. import drift_stats
 
             opt.record_drift(**drift_stats(logp.detach(), old_logp, mask, clip_eps=clip_eps))
