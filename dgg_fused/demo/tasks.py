@@ -69,45 +69,64 @@ class Task(Protocol):
 _DIGITS = tuple(str(d) for d in range(10))
 
 
-class AdditionTask:
-    """``a + b`` for ``digits``-digit numbers; the answer is the sum zero-padded to ``digits + 1`` digits.
-
-    Prompt ``"3 4 + 5 6 ="`` → answer ``"0 9 0"``. Reward 1.0 for the exact digits, else 0.0.
-    """
+class _DigitsTask:
+    """``a <op> b`` on digit strings: ``a`` has ``digits`` digits, ``b`` has ``b_digits`` (zero-padded in the prompt);
+    the answer is the result zero-padded to ``digits + 1`` digits. Subclasses set the operator, its name and
+    ``b_digits``."""
 
     answer_words = _DIGITS
+    symbol: str
+    name_format: str  # e.g. "addition{digits}"
 
     def __init__(self, digits: int = 2) -> None:
         if digits < 1:
             raise ValueError(f"digits must be >= 1, got {digits}")
         self.digits = digits
-        self.name = f"addition{digits}"
-        self.words = _DIGITS + ("+", "=")
+        self.name = self.name_format.format(digits=digits)
+        self.words = _DIGITS + (self.symbol, "=")
         self.max_new_tokens = digits + 2  # digits+1 answer digits, then EOS
 
+    @property
+    def b_digits(self) -> int:
+        return self.digits
+
+    @staticmethod
+    def _apply(a: int, b: int) -> int:
+        raise NotImplementedError
+
     def make_prompts(self, rng: random.Random, n: int) -> list[Example]:
-        hi = 10**self.digits - 1
+        hi, hi_b = 10**self.digits - 1, 10**self.b_digits - 1
         out = []
         for _ in range(n):
-            a, b = rng.randint(0, hi), rng.randint(0, hi)
-            out.append(Example(self._prompt(a, b), " ".join(str(a + b).zfill(self.digits + 1))))
+            a, b = rng.randint(0, hi), rng.randint(0, hi_b)
+            da, db = " ".join(str(a).zfill(self.digits)), " ".join(str(b).zfill(self.b_digits))
+            out.append(Example(f"{da} {self.symbol} {db} =", " ".join(str(self._apply(a, b)).zfill(self.digits + 1))))
         return out
-
-    def _prompt(self, a: int, b: int) -> str:
-        da, db = " ".join(str(a).zfill(self.digits)), " ".join(str(b).zfill(self.digits))
-        return f"{da} + {db} ="
 
     def verify(self, example: Example, completion: str) -> float:
         return float(completion.split() == self._want(example))
 
     def _want(self, example: Example) -> list[str]:
-        left, _, right = example.prompt.replace("=", "").partition("+")
+        left, _, right = example.prompt.replace("=", "").partition(self.symbol)
         a, b = int("".join(left.split())), int("".join(right.split()))
-        return list(str(a + b).zfill(self.digits + 1))
+        return list(str(self._apply(a, b)).zfill(self.digits + 1))
 
     def answers(self, example: Example) -> list[str]:
         """The one completion :meth:`verify` accepts."""
         return [" ".join(self._want(example))]
+
+
+class AdditionTask(_DigitsTask):
+    """``a + b`` for ``digits``-digit numbers; the answer is the sum zero-padded to ``digits + 1`` digits.
+
+    Prompt ``"3 4 + 5 6 ="`` → answer ``"0 9 0"``. Reward 1.0 for the exact digits, else 0.0.
+    """
+
+    symbol, name_format = "+", "addition{digits}"
+
+    @staticmethod
+    def _apply(a: int, b: int) -> int:
+        return a + b
 
 
 class ReversalTask:
@@ -141,7 +160,7 @@ class ReversalTask:
         return [" ".join(example.prompt.replace(">", "").split()[::-1])]
 
 
-class ProductTask:
+class ProductTask(_DigitsTask):
     """``a * b`` for a ``digits``-digit ``a`` and a one-digit ``b``; the answer is the product zero-padded to
     ``digits + 1`` digits.
 
@@ -149,36 +168,15 @@ class ProductTask:
     testbed's policy than addition (a carry chain through a multiplication table), so its RL gains are small.
     """
 
-    answer_words = _DIGITS
+    symbol, name_format = "*", "product{digits}x1"
 
-    def __init__(self, digits: int = 2) -> None:
-        if digits < 1:
-            raise ValueError(f"digits must be >= 1, got {digits}")
-        self.digits = digits
-        self.name = f"product{digits}x1"
-        self.words = _DIGITS + ("*", "=")
-        self.max_new_tokens = digits + 2  # digits+1 answer digits, then EOS
+    @property
+    def b_digits(self) -> int:
+        return 1
 
-    def make_prompts(self, rng: random.Random, n: int) -> list[Example]:
-        hi = 10**self.digits - 1
-        out = []
-        for _ in range(n):
-            a, b = rng.randint(0, hi), rng.randint(0, 9)
-            prompt = f"{' '.join(str(a).zfill(self.digits))} * {b} ="
-            out.append(Example(prompt, " ".join(str(a * b).zfill(self.digits + 1))))
-        return out
-
-    def _want(self, example: Example) -> list[str]:
-        left, _, right = example.prompt.replace("=", "").partition("*")
-        a, b = int("".join(left.split())), int("".join(right.split()))
-        return list(str(a * b).zfill(self.digits + 1))
-
-    def verify(self, example: Example, completion: str) -> float:
-        return float(completion.split() == self._want(example))
-
-    def answers(self, example: Example) -> list[str]:
-        """The one completion :meth:`verify` accepts."""
-        return [" ".join(self._want(example))]
+    @staticmethod
+    def _apply(a: int, b: int) -> int:
+        return a * b
 
 
 def accepted_answers(task: Task, example: Example) -> tuple[list[str], bool]:
