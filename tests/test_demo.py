@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -198,12 +199,27 @@ def test_parse_arm_overrides_and_errors():
             parse_arm(bad, g, 0.02)
 
 
-def test_documented_row_reproduces(tmp_path, capsys):
+#: Callers' environments under which the documented row must come out the same: this machine as it is, and an
+#: emulated other CPU (ATen's scalar kernels, oneMKL's AVX2 branch, oneDNN capped, our portable kernel, 2 threads).
+#: The workers pin their own code paths (dgg_fused.demo.numerics), so none of this may change a number.
+CALLER_ENVS = {
+    "native": {},
+    "emulated-other-cpu": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                           "DGG_FUSED_CPU_ISA": "portable", "OMP_NUM_THREADS": "2"},
+}
+
+
+@pytest.mark.parametrize("caller_env", sorted(CALLER_ENVS))
+def test_documented_row_reproduces(tmp_path, capsys, monkeypatch, caller_env):
     """The command in docs/demo.md's "Reproduce one row" block, run end to end on a fresh (private) cache with the
-    default --jobs, prints exactly the rows documented under it."""
+    default --jobs, prints exactly the rows documented under it, whatever CPU paths the caller's environment asks
+    for."""
     import pathlib
     import re
     import shlex
+
+    for k, v in CALLER_ENVS[caller_env].items():
+        monkeypatch.setenv(k, v)
 
     doc = (pathlib.Path(__file__).parent.parent / "docs" / "demo.md").read_text()
     block = doc.split("<!-- reproduce-row -->", 2)[1]
@@ -214,3 +230,36 @@ def test_documented_row_reproduces(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     for row in rows:
         assert row in printed, row
+
+
+def test_workers_pin_the_numerics_whatever_the_caller_asks(monkeypatch):
+    """Every worker runs in the portable mode, also when the caller's environment asks for other code paths."""
+    from dgg_fused.demo import numerics
+    from dgg_fused.demo.jobs import execute
+
+    for k, v in CALLER_ENVS["emulated-other-cpu"].items():
+        monkeypatch.setenv(k, v)
+    got = dict(execute(_worker_numerics, [0, 1], jobs=2))
+    assert got == {0: (numerics.MODE, "AVX2"), 1: (numerics.MODE, "AVX2")}
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "default"  # the caller's environment is restored
+
+
+def _worker_numerics(_):
+    import torch
+
+    from dgg_fused.demo import numerics
+
+    return numerics.current(), torch.backends.cpu.get_cpu_capability()
+
+
+def test_an_unpinned_process_says_so_and_gets_its_own_cache_key(monkeypatch):
+    from dgg_fused.demo import numerics
+
+    monkeypatch.delenv("DGG_FUSED_CPU_ISA", raising=False)
+    with pytest.raises(RuntimeError, match="portable numerics"):
+        numerics.check()  # this test process runs torch's native paths
+    assert numerics.current().startswith("native:")
+    t = ReversalTask(length=2, alphabet=3)
+    k = cache_key(t, TINY.model, TINY.warm, 0)
+    monkeypatch.setattr(numerics, "current", lambda: numerics.MODE)
+    assert cache_key(t, TINY.model, TINY.warm, 0) != k
