@@ -295,7 +295,8 @@ class _Run:
                     t1 = time.perf_counter()
                     self.oracle.begin_step(batch=it, reuse_index=k, approx_kl=float(st["approx_kl"]),
                                            clip_frac=float(st["clipfrac"]), ratio_max=float(st["ratio_max"]),
-                                           grad_norm=float(gnorm))
+                                           ess=float(st["ess"]), log_ratio_m2=float(st["log_ratio_m2"]),
+                                           tv=float(st["tv"]), grad_norm=float(gnorm))
                     t_obs += time.perf_counter() - t1
                 opt.step()
                 opt.zero_grad(set_to_none=True)
