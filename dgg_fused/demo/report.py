@@ -32,15 +32,49 @@ from .stats import Estimate, area, diff_of_means, first_reach, paired_bootstrap,
 
 __all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "target_summary",
            "format_target_summary", "signals", "format_signals",
-           "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS"]
+           "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS",
+           "derived_steps"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
 #: The target is at least J0 + TARGET_MARGIN.
 TARGET_MARGIN = 0.05
 #: ``final`` values average the last FINAL_BATCHES rollout batches.
 FINAL_BATCHES = 5
-#: Candidate gate signals scored by the harm oracle (keys of the oracle's step records).
-SIGNALS = ("z_energy", "energy", "approx_kl", "clip_frac", "ratio_max", "grad_norm", "reuse_index")
+#: Candidate gate signals scored by the harm oracle: (key of the oracle's step records, harm direction). The AUC of
+#: a "high" signal ranks steps by the signal; of a "low" one (``ess``: VCPO's effective sample size falls with
+#: drift; ``energy_decay``: the lm_head energy relative to the batch's first pass) by its negation, so for every
+#: signal AUC > 0.5 means "it sees harm in the direction it is meant to". The older signals keep "high" (their
+#: tables read AUC < 0.5 as "low values go with harm").
+SIGNALS = (("z_energy", "high"), ("energy", "high"), ("approx_kl", "high"), ("clip_frac", "high"),
+           ("ratio_max", "high"), ("grad_norm", "high"), ("reuse_index", "high"), ("ess", "low"),
+           ("log_ratio_m2", "high"), ("tv", "high"), ("energy_decay", "low"))
+
+
+def derived_steps(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The oracle's step records plus the signals derived from them: ``energy_decay`` = the step's lm_head energy /
+    the mean energy of the same rollout batch's first-pass (k = 1) steps (None without energies)."""
+    first: dict[Any, list[float]] = {}
+    for st in steps:
+        if st.get("reuse_index") == 1 and st.get("energy") is not None:
+            first.setdefault(st["batch"], []).append(float(st["energy"]))
+    out = []
+    for st in steps:
+        d = dict(st)
+        base = first.get(st["batch"])
+        e = st.get("energy")
+        d["energy_decay"] = (float(e) / statistics.fmean(base)) if base and e is not None and statistics.fmean(base) > 0 else None
+        out.append(d)
+    return out
+
+
+def _scored(steps: Sequence[dict[str, Any]], sig: str, direction: str) -> float:
+    """AUC of ``sig`` for harmful reuse steps, in the signal's harm direction (nan without the signal)."""
+    rows = [s for s in steps if s.get(sig) is not None]
+    if not rows:
+        return float("nan")
+    if direction == "low":
+        rows = [{**s, sig: -float(s[sig])} for s in rows]
+    return signal_auc(rows, sig)
 #: The baselines of the "final J" target.
 BASELINES = ("k1", "k2", "kl")
 
@@ -245,8 +279,8 @@ def signals(results: Sequence[RunResult], thresholds: dict[str, float]) -> list[
                                "mean_delta_reuse": statistics.fmean(s["delta"] for s in reuse) if reuse else float("nan"),
                                "mean_delta_first": statistics.fmean(
                                    s["delta"] for r in runs for s in r.steps if s["reuse_index"] == 1)}
-        for sig in SIGNALS:
-            aucs = [signal_auc(r.steps, sig) for r in runs]
+        for sig, direction in SIGNALS:
+            aucs = [_scored(derived_steps(r.steps), sig, direction) for r in runs]
             aucs = [a for a in aucs if a == a]
             row[f"auc:{sig}"] = (statistics.fmean(aucs), min(aucs), max(aucs)) if aucs else (float("nan"),) * 3
         for sig, thr in thresholds.items():
@@ -264,11 +298,13 @@ def signals(results: Sequence[RunResult], thresholds: dict[str, float]) -> list[
 def format_signals(sig: Sequence[dict[str, Any]]) -> str:
     if not sig:
         return ""
+    names = [s for s, _ in SIGNALS]
     lines = ["| task | lr | seeds | reuse steps/run | harmful | mean dJ reuse / first-pass step | "
-             + " | ".join(f"AUC {s}" for s in SIGNALS) + " |", "|" + "---|" * (6 + len(SIGNALS))]
+             + " | ".join(f"AUC {s}{' (low)' if d == 'low' else ''}" for s, d in SIGNALS) + " |",
+             "|" + "---|" * (6 + len(SIGNALS))]
     for r in sig:
         aucs = " | ".join(f"{r[f'auc:{s}'][0]:.2f} ({r[f'auc:{s}'][1]:.2f}–{r[f'auc:{s}'][2]:.2f})"
-                          if r[f'auc:{s}'][0] == r[f'auc:{s}'][0] else "-" for s in SIGNALS)
+                          if r[f'auc:{s}'][0] == r[f'auc:{s}'][0] else "-" for s in names)
         lines.append(f"| {r['task']} | {r['lr']:g} | {r['seeds']} | {r['reuse_steps']:.0f} | {r['harmful']:.2f} | "
                      f"{r['mean_delta_reuse']:+.4f} / {r['mean_delta_first']:+.4f} | {aucs} |")
     trip_keys = [k for k in sig[0] if k.startswith("trip:")]
