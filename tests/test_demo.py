@@ -10,7 +10,7 @@ import torch
 
 from dgg_fused import GateConfig
 from dgg_fused.demo.__main__ import main
-from dgg_fused.demo.arms import FixedReuse, Gated, HostKLStop, parse_arm
+from dgg_fused.demo.arms import FixedReuse, Gated, HostKLStop, OracleStop, parse_arm
 from dgg_fused.demo.model import ModelConfig
 from dgg_fused.demo.report import summarize
 from dgg_fused.demo.run import DemoConfig, RunResult, prepare_task, run_arm
@@ -136,7 +136,7 @@ def test_frozen_policy_never_reaches_the_target(small):
     assert rows["frozen"]["target"] >= rows["frozen"]["j0"] + 0.05
 
 
-@pytest.mark.parametrize("spec", ["k1", "k2", "naive", "kl", "kl:target_kl=1e-12", "dgg",
+@pytest.mark.parametrize("spec", ["k1", "k2", "naive", "oracle", "kl", "kl:target_kl=1e-12", "dgg",
                                   "dgg:tau=1e-6,window=2,statistic=both,reference=all", "klgate",
                                   "klgate:target_kl=1e-12", "dgg-or-kl"])
 def test_arm_accounting(small, spec):
@@ -156,6 +156,8 @@ def test_arm_accounting(small, spec):
     if isinstance(arm, FixedReuse):
         assert passes == [arm.max_reuse] * TINY.iters
         assert c.steps_attempted == c.steps_applied == TINY.iters * arm.max_reuse * mb and c.trips == 0
+    elif isinstance(arm, OracleStop):  # a rolled-back step is undone in AdamW's state too
+        assert c.steps_applied + c.gated_steps == c.steps_attempted and c.gated_steps == c.trips <= TINY.iters
     elif isinstance(arm, HostKLStop):  # the host stop drops the step before backward: nothing gated
         assert c.steps_applied == c.steps_attempted and c.gated_steps == 0
         if arm.target_kl < 1e-9:  # any drift stops: one pass of steps, the second pass stops at its first step
@@ -263,3 +265,39 @@ def test_an_unpinned_process_says_so_and_gets_its_own_cache_key(monkeypatch):
     k = cache_key(t, TINY.model, TINY.warm, 0)
     monkeypatch.setattr(numerics, "current", lambda: numerics.MODE)
     assert cache_key(t, TINY.model, TINY.warm, 0) != k
+
+
+def test_oracle_prompts_are_disjoint_from_the_heldout_set(small):
+    pt, _ = small
+    held = {ex.prompt for ex in pt.heldout.examples}
+    orc = [ex.prompt for ex in pt.oracle.examples]
+    assert len(orc) == TINY.n_heldout and not held & set(orc)
+
+
+def test_oracle_arm_keeps_exactly_the_steps_that_do_not_lower_the_oracle_j(small, monkeypatch):
+    """The oracle arm's decisions, replayed: a kept reuse step never lowered the oracle set's J; an undone one did,
+    and undoing it restores the weights and AdamW's state bit for bit (the next pass starts from them)."""
+    from dgg_fused.demo import arms
+
+    pt, state = small
+    log = []
+    orig_after = arms._OracleStrategy.after_step
+
+    def after_step(self, k):
+        before = None if k == 1 else self.j_before
+        snap = self.snapshot
+        stop = orig_after(self, k)
+        if k > 1:
+            now_params = {n: t.clone() for n, t in self.ctx.model.state_dict().items()}
+            log.append((before, stop, snap, now_params, self.ctx.judge()))
+        return stop
+
+    monkeypatch.setattr(arms._OracleStrategy, "after_step", after_step)
+    res = run_arm(pt, parse_arm("oracle", TINY.gate, TINY.target_kl), TINY, 0, state)
+    assert log and res.counts.trips == sum(stop for _, stop, *_ in log)
+    for before, stop, snap, params, j_now in log:
+        if stop:  # undone: the weights are the snapshot's, bit for bit, so the oracle J is back where it was
+            assert all(torch.equal(params[n], snap[0][n]) for n in params)
+            assert j_now == before
+        else:  # kept: the oracle J did not fall
+            assert j_now >= before
