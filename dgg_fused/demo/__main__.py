@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = report.summarize(results)
     agg = report.aggregate(rows, arm_order)
-    gate_arms = [a for a in arm_order if a not in ("k1", "k2", "naive")]
+    gate_arms = [a for a in arm_order if a not in ("k1", "k2", "naive", "oracle")]
+    fractions = report.oracle_fractions(rows, arm_order)
     tgts = [t for g in gate_arms for t in report.targets(rows, g)]
     sig = report.signals(results, {"z_energy": cfg.gate.tau, "approx_kl": cfg.target_kl})
     text = "\n\n".join(x for x in (
@@ -195,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         "Pre-registered targets (per gate arm):\n\n" + report.format_targets(tgts) + "\n\n"
         + report.format_target_summary(report.target_summary(tgts, rows)) if tgts else "",
         "Harm oracle (arms: " + ", ".join(sorted({r.arm for r in results if r.steps})) + "):\n\n"
-        + report.format_signals(sig) if sig else "") if x)
+        + report.format_signals(sig) if sig else "",
+        "Share of the greedy oracle's gain (the oracle is a ceiling, not a method):\n\n"
+        + report.format_oracle_fractions(fractions) if fractions else "") if x)
     meta = {
         "command": "python -m dgg_fused.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg.to_dict(),
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.time() - t_start,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text)
+    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text, fractions)
     if not args.no_plots:
         paths.append(report.plot_curves(args.out, results, arm_order))
     print(text)

@@ -28,12 +28,13 @@ from typing import Any, Iterable, Sequence
 
 from ..monitor import signal_auc, trip_effect
 from .run import RunResult
-from .stats import Estimate, area, diff_of_means, first_reach, paired_bootstrap, ratio_of_means
+from .stats import (Estimate, area, diff_of_means, first_reach, fraction_of_gain, matched_bootstrap, paired_bootstrap,
+                    ratio_of_means)
 
 __all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "target_summary",
            "format_target_summary", "signals", "format_signals",
            "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS",
-           "derived_steps"]
+           "derived_steps", "oracle_fractions", "format_oracle_fractions"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
 #: The target is at least J0 + TARGET_MARGIN.
@@ -159,6 +160,54 @@ def aggregate(rows: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> list[
                     a[name] = paired_bootstrap(xa, xb, stat)
             out.append(a)
     return out
+
+
+def oracle_fractions(rows: Sequence[dict[str, Any]], arm_order: Sequence[str],
+                     ceiling: str = "oracle") -> list[dict[str, Any]]:
+    """Per (task, lr, arm): the arm's final-J gain over naive and over K=1 as a fraction of the ``ceiling`` arm's
+    (ratio of mean differences over the seeds the three runs share, matched bootstrap 95% CI), beside the
+    ceiling's own gains. A fraction is NaN ("n/a") where the ceiling's gain over that base has a CI containing 0
+    (docs/signals.md)."""
+    out = []
+    for key in dict.fromkeys(_key(r) for r in rows):
+        grp = [r for r in rows if _key(r) == key]
+        by = {(r["arm"], r["seed"]): r["final_j"] for r in grp}
+        if not any(a == ceiling for a, _ in by):
+            continue
+        gains = {}
+        for base in ("naive", "k1"):
+            seeds = sorted(s for a, s in by if a == ceiling and (base, s) in by)
+            gains[base] = (paired_bootstrap([by[(ceiling, s)] for s in seeds], [by[(base, s)] for s in seeds],
+                                            diff_of_means) if seeds else Estimate(math.nan, math.nan, math.nan, 0))
+        for arm in arm_order:
+            if arm == ceiling or not any(a == arm for a, _ in by):
+                continue
+            row: dict[str, Any] = {"task": key[0], "lr": key[1], "arm": arm,
+                                   "oracle_gain_vs_naive": gains["naive"], "oracle_gain_vs_k1": gains["k1"]}
+            for base in ("naive", "k1"):
+                g = gains[base]
+                seeds = sorted(s for a, s in by if a == arm and (base, s) in by and (ceiling, s) in by)
+                if not seeds or not (g.lo > 0 or g.hi < 0):
+                    row[f"fraction_vs_{base}"] = Estimate(math.nan, math.nan, math.nan, len(seeds))
+                    continue
+                row[f"fraction_vs_{base}"] = matched_bootstrap(
+                    [[by[(arm, s)] for s in seeds], [by[(base, s)] for s in seeds], [by[(ceiling, s)] for s in seeds]],
+                    fraction_of_gain)
+            out.append(row)
+    return out
+
+
+def format_oracle_fractions(fr: Sequence[dict[str, Any]]) -> str:
+    if not fr:
+        return ""
+    lines = ["| task | lr | arm | oracle's gain over naive | share of it [95% CI] | oracle's gain over K=1 | "
+             "share of it [95% CI] |", "|" + "---|" * 7]
+    for r in fr:
+        lines.append(f"| {r['task']} | {r['lr']:g} | {r['arm']} | {r['oracle_gain_vs_naive'].fmt('+.3f')} | "
+                     f"{r['fraction_vs_naive'].fmt('.2f') if r['fraction_vs_naive'].value == r['fraction_vs_naive'].value else 'n/a'} | "
+                     f"{r['oracle_gain_vs_k1'].fmt('+.3f')} | "
+                     f"{r['fraction_vs_k1'].fmt('.2f') if r['fraction_vs_k1'].value == r['fraction_vs_k1'].value else 'n/a'} |")
+    return "\n".join(lines)
 
 
 def _f(x: Any, spec: str = ".3f") -> str:
@@ -329,14 +378,15 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: str) -> list[str]:
-    """results.json (meta, per-run summary, table, signals, targets), summary.csv and report.md under ``out``."""
+def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: str, fractions=()) -> list[str]:
+    """results.json (meta, per-run summary, table, signals, targets, shares of the oracle's gain), summary.csv and
+    report.md under ``out``."""
     os.makedirs(out, exist_ok=True)
     paths = []
     p = os.path.join(out, "results.json")
     with open(p, "w") as f:
-        json.dump(_jsonable({"meta": meta, "summary": rows, "table": agg, "signals": sig, "targets": tgts}), f,
-                  indent=1)
+        json.dump(_jsonable({"meta": meta, "summary": rows, "table": agg, "signals": sig, "targets": tgts,
+                             "oracle_fractions": list(fractions)}), f, indent=1)
     paths.append(p)
     p = os.path.join(out, "summary.csv")
     with open(p, "w", newline="") as f:
