@@ -209,3 +209,22 @@ def test_optimizer_with_triton_backend_takes_the_partials_path():
         assert [s for _, s in got] == [s for _, s in ref] and any(s for _, s in got)
         for (a, _), (b, _) in zip(got, ref):
             assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_tile_offsets_past_2_31_are_64_bit():
+    """The H200 run lost every element past 2**31 (and the tile straddling it): the tile base `span * t` was
+    computed in 32 bits. Here a hand-made layout places a small tensor at global element 2**31 (tile 2048 of span
+    2**20; the 2048 tiles before it are empty), so the index arithmetic is that of a > 2**31-element input without
+    allocating one."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    span, t0 = 2**20, 2048
+    x = torch.arange(1, 5001, dtype=torch.float32) / 64.0
+    rows = [t0 * span, x.numel(), 0] + [0, -1] * t0 + [0, 0]  # (start, numel, dtype) | (first, last) per tile
+    layout = torch.tensor(rows, dtype=torch.int64)
+    addrs = torch.tensor([x.data_ptr()], dtype=torch.int64)
+    partials = torch.full((t0 + 1,), float("nan"))
+    ts._sumsq_partials_kernel[(1,)](addrs, layout, 1, t0 + 1, span, partials, SUB=ts.SUB, UNROLL=ts.UNROLL,
+                                    ALIGNED=False, num_warps=ts.NUM_WARPS)
+    assert torch.equal(partials[:t0], torch.zeros(t0))
+    torch.testing.assert_close(partials[t0].double(), _ref([x]), rtol=1e-6, atol=0)
