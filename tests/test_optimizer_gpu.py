@@ -43,14 +43,16 @@ def test_step_is_sync_free_and_exact_on_cuda(make_inner):
     torch.cuda.set_sync_debug_mode("error")
     try:
         opt.step()  # gated
+        tripped = opt.metrics["gated"].clone()  # a device copy: "gated" is the last step's, read after the next one
         opt.set_reuse_index(3)
-        opt.step()  # stopped batch
+        opt.step()  # stopped batch: skipped, but not a trip of its own
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_bit_identical(before, snapshot(model, opt), "gated CUDA step")
     assert opt.poll_reuse_stopped(block=True)
     m = opt.get_metrics()
-    assert m["gated"] == 1.0 and m["stopped_batches"] == 1 and m["gated_steps"] == 2
+    assert tripped.item() == 1.0 and (m["gated"], m["skipped"]) == (0.0, 1.0)
+    assert m["stopped_batches"] == 1 and m["gated_steps"] == 2
 
 
 @pytest.mark.parametrize("micro", [1, 3])
@@ -68,9 +70,12 @@ def test_energy_hook_side_stream_matches_the_step_and_never_syncs(micro):
         energies = []
         for b in range(6):
             opt.set_reuse_index(b % 3 + 1)
+            # host-to-device copies of the batches before the recorded region: each `.cuda()` of a pageable CPU
+            # tensor is a synchronizing copy (the 2 warnings per backward of the first H200 run)
+            data = [_cuda_batch(10 * b + i) for i in range(micro)]
             with record_syncs() as rec:
-                for i in range(micro):
-                    loss_fn(model, _cuda_batch(10 * b + i), 40.0 if b == 4 else 1.0).backward()
+                for d in data:
+                    loss_fn(model, d, 40.0 if b == 4 else 1.0).backward()
                 if hook:
                     pending = opt._energy._pending
                     assert pending is not None and pending.event is not None
