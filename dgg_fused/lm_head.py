@@ -1,12 +1,15 @@
-"""Finding the lm_head (output projection) of a model, and telling whether it is tied to the input embedding."""
+"""The lm_head (output projection) of a model: finding it, telling whether it is tied to the input embedding, and
+the one normaliser of an ``lm_head=`` argument (:func:`params_of`)."""
 
 from __future__ import annotations
 
 import warnings
+from typing import Iterable
 
+import torch
 from torch import nn
 
-__all__ = ["find_lm_head", "is_tied", "TiedLmHeadWarning"]
+__all__ = ["find_lm_head", "is_tied", "params_of", "TiedLmHeadWarning"]
 
 _FALLBACK_NAMES = ("lm_head", "embed_out", "output", "output_layer", "head")
 
@@ -82,3 +85,39 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool = True) -> nn.Module:
             stacklevel=2,
         )
     return head
+
+
+def params_of(lm_head: nn.Module | torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters an ``lm_head=`` argument names, in order and each once: all parameters of a module, one
+    tensor, or the tensors of an iterable. (May be empty; callers say what that means for them.)
+
+    Raises:
+        TypeError: anything else (a string, a dict, a non-tensor in the iterable).
+        ValueError: a whole model instead of its output projection (a module with parameters in more than 3
+            modules).
+    """
+    if isinstance(lm_head, nn.Module):
+        _reject_whole_model(lm_head)
+        params = list(lm_head.parameters())
+    elif isinstance(lm_head, torch.Tensor):
+        params = [lm_head]
+    elif isinstance(lm_head, (str, bytes, dict)) or not isinstance(lm_head, Iterable):
+        raise TypeError(
+            "lm_head= must be an nn.Module, a Parameter or an iterable of Parameters, "
+            f"got {type(lm_head).__name__}"
+        )
+    else:
+        params = list(lm_head)
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"lm_head= iterable must hold Parameters, found {type(p).__name__}")
+    return list({id(p): p for p in params}.values())
+
+
+def _reject_whole_model(module: nn.Module) -> None:
+    n_mod = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+    if n_mod > 3:  # an output projection is a module or two (weight, bias, maybe a norm); not a whole model
+        raise ValueError(
+            f"lm_head= is a {type(module).__name__} with parameters in {n_mod} modules: pass the output "
+            "projection (e.g. model.lm_head, or dgg_fused.find_lm_head(model)), not the whole model"
+        )

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from dgg_fused import GateConfig, GatedOptimizer, grad_sumsq
-from dgg_fused.energy import EnergyMeter
 from dgg_fused.ops import available_backends
 from dgg_fused.ops.reference import grad_sumsq_reference
 from helpers import batch, loss_fn, make_model, record_syncs
@@ -124,12 +123,12 @@ def test_bad_backend_raises_at_construction(backend, error):
 def test_backend_governs_energy_and_gate_alike():
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), fused=True)
-    assert GatedOptimizer(inner, lm_head=model.lm_head)._gate_impl == "cpp"  # the CPU default: the C++ twin
+    assert GatedOptimizer(inner, lm_head=model.lm_head).plan.gate_impl == "cpp"  # the CPU default: the C++ twin
     ref = GatedOptimizer(inner, lm_head=model.lm_head, backend="torch")
-    assert ref._gate_impl == "reference" and ref._energy.resolved_backend == "torch"
+    assert ref.plan.gate_impl == "reference" and ref.plan.energy_backend == "torch"
     for backend in ("auto", "cpp"):  # the twins implement the energy-only rule: a drift gate runs the reference
         drift = GatedOptimizer(inner, lm_head=model.lm_head, config=GateConfig(drift="approx_kl"), backend=backend)
-        assert drift._gate_impl == "reference" and drift._energy.resolved_backend == "cpp"
+        assert drift.plan.gate_impl == "reference" and drift.plan.energy_backend == "cpp"
     with pytest.raises(AttributeError):
         ref.backend = "cpp"  # resolved at construction: read-only
 
@@ -236,9 +235,10 @@ def test_clip_with_a_sparse_gradient_elsewhere_matches_clip_grad_norm():
 
 def test_meter_rejects_sparse_lm_head_gradients_clearly():
     head = nn.Embedding(7, 3, sparse=True)
+    opt = GatedOptimizer(torch.optim.SGD(head.parameters(), lr=0.1), lm_head=[head.weight], config=GateConfig(max_reuse=1))
     head(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="dense"):
-        EnergyMeter(list(head.parameters())).measure()
+        opt.step()
 
 
 # ---------------------------------------------------------------- the clip folded into the fused step's grad_scale

@@ -84,14 +84,13 @@ def test_triton_epilogue_takes_triton_partials():
     assert torch.equal(a.last[0], b.last[0]) and torch.equal(a.window, b.window)
 
 
-def test_grad_sumsq_partials_add_up_to_the_energy():
-    from dgg_fused.ops import grad_sumsq_partials
+def test_triton_partials_add_up_to_the_energy():
+    from dgg_fused.ops import kernel
 
     ts = [torch.randn(200_000).bfloat16(), torch.randn(77)]
-    parts = grad_sumsq_partials(ts, backend="triton")
-    assert parts is not None and parts.dim() == 1 and parts.numel() > 1
+    parts = kernel("triton", partials=True)(ts)
+    assert parts.dim() == 1 and parts.numel() > 1
     assert torch.equal(parts.double().sum().float(), grad_sumsq(ts, backend="triton"))
-    assert grad_sumsq_partials(ts, backend="torch") is None
 
 
 def test_opcheck_triton_backend():
@@ -173,7 +172,7 @@ def test_optimizer_with_triton_backend_takes_the_partials_path():
     """backend="triton": the energy is handed to the gate as stage-1 partials, the Triton epilogue adds them (the
     CUDA fast path, here interpreted); decisions and energies equal the reference backend's, also with a scale."""
     from dgg_fused import GateConfig, GatedOptimizer
-    from dgg_fused.energy import EnergyMeter
+    from dgg_fused.testing import internals
 
     def run(backend, scaled=False):
         torch.manual_seed(0)
@@ -199,10 +198,10 @@ def test_optimizer_with_triton_backend_takes_the_partials_path():
         return opt, out
 
     opt, tri = run("triton")
-    assert opt._gate_impl == "triton"
-    meter = EnergyMeter([torch.nn.Parameter(torch.ones(300))], backend="triton")
-    meter.params[0].grad = torch.ones(300)
-    assert meter.measure().value.dim() == 1  # partials
+    assert opt.plan.gate_impl == "triton" and opt.plan.energy_backend == "triton" and opt.plan.partials
+    for p in opt.lm_head_params:
+        p.grad = torch.ones_like(p)
+    assert internals(opt).meter.measure().value.dim() == 1  # the energy as stage-1 partials
     _, ref = run("torch")
     _, tri_scaled = run("triton", scaled=True)
     for got in (tri, tri_scaled):

@@ -11,6 +11,7 @@ import torch
 
 from dgg_fused import GateConfig, GatedOptimizer
 from dgg_fused.ops.reference import grad_sumsq_reference
+from dgg_fused.testing import internals
 from helpers import (
     FUSED,
     OPTIMIZERS,
@@ -118,7 +119,7 @@ def test_nonfinite_energy_trips_and_never_enters_window():
     model = make_model()
     opt = gated("adamw_fused", model, TRIP)
     fill_window(model, opt)
-    window_before = opt._gate.window.clone()
+    window_before = internals(opt).gate.window.clone()
     opt.set_reuse_index(2)
     loss_fn(model, batch(7)).backward()
     model.lm_head.weight.grad[0, 0] = float("nan")
@@ -126,8 +127,8 @@ def test_nonfinite_energy_trips_and_never_enters_window():
     opt.step()
     assert_bit_identical(before, snapshot(model, opt), "nan gradient")
     assert opt.reuse_stopped
-    assert torch.equal(opt._gate.window, window_before)
-    assert torch.isfinite(opt._gate.prev_energy)
+    assert torch.equal(internals(opt).gate.window, window_before)
+    assert torch.isfinite(internals(opt).gate.prev_energy)
 
 
 def test_fused_sgd_first_step_skip_leaves_no_uninitialised_momentum():
@@ -391,12 +392,12 @@ def test_step_without_lm_head_grad_raises_and_changes_nothing():
     model = make_model()
     opt = gated("adamw_fused", model)
     model.mlp[0].weight.grad = torch.ones_like(model.mlp[0].weight)
-    before = snapshot(model, opt), opt._gate.state_dict()
+    before = snapshot(model, opt), internals(opt).gate.state_dict()
     with pytest.raises(RuntimeError, match="no .grad"):
         opt.step()
     assert_bit_identical(before[0], snapshot(model, opt))
     for k, v in before[1].items():
-        torch.testing.assert_close(v, getattr(opt._gate, k), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(v, getattr(internals(opt).gate, k), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("k", [0, 5, -1, 2.0, True])
@@ -434,7 +435,7 @@ def test_deepcopy_and_pickle_after_an_lr_scheduler_step_the_copy():
     clipping.step()
     clipping.record_energy()
     for o in (copy.deepcopy(clipping), pickle.loads(pickle.dumps(clipping))):
-        assert o.max_grad_norm == 1.0 and o._energy.take() is None
+        assert o.max_grad_norm == 1.0 and internals(o).meter.pending is None
 
 
 def test_config_is_read_only():
@@ -492,13 +493,27 @@ def test_nested_passes_raise_and_numpy_reuse_index_is_accepted():
     np = pytest.importorskip("numpy")
     model = make_model()
     opt = gated("adamw_fused", model)
-    for k in opt.passes(2):
-        with pytest.raises(RuntimeError, match="nested"):
-            next(iter(opt.passes()))
-        assert opt.reuse_index == k
+    outer = opt.passes(2)
+    assert next(outer) == 1
+    assert list(opt.passes()) == [1, 2, 3, 4]  # a later passes() supersedes the earlier one ...
+    with pytest.raises(RuntimeError, match="superseded.*nested"):
+        next(outer)  # ... and resuming the superseded (outer) loop is the error
     opt.set_reuse_index(np.int64(3))
     assert opt.reuse_index == 3 and type(opt.reuse_index) is int
     assert list(opt.passes(np.int64(1))) == [1]
+
+
+def test_an_abandoned_passes_iterator_does_not_break_the_next_batch():
+    """Regression (issue 17, edge 7): `it = opt.passes(); for k in it: ... break` used to leave the optimizer
+    "already iterating", so the next batch's passes() raised although nothing was nested."""
+    model = make_model()
+    opt = gated("adamw_fused", model)
+    it = opt.passes()
+    for k in it:
+        train_step(model, opt, k)
+        break
+    assert [k for k in opt.passes()] == [1, 2, 3, 4]  # the next batch: every pass
+    assert opt.reuse_index == 4
 
 
 def test_step_hooks_run_once_per_step_and_torch_never_wraps_the_step_again():

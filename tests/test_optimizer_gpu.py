@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dgg_fused import GateConfig, GatedOptimizer
+from dgg_fused.testing import internals
 from helpers import assert_bit_identical, batch, loss_fn, make_model, snapshot
 
 pytestmark = [
@@ -77,7 +78,7 @@ def test_energy_hook_side_stream_matches_the_step_and_never_syncs(micro):
                 for d in data:
                     loss_fn(model, d, 40.0 if b == 4 else 1.0).backward()
                 if hook:
-                    pending = opt._energy._pending
+                    pending = internals(opt).meter.pending
                     assert pending is not None and pending.event is not None
                 opt.step()
             if b > 0:  # the first step allocates optimizer state
