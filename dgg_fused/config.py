@@ -66,6 +66,10 @@ DRIFT_RULES = ("threshold", "zscore")
 #: ``"all"`` only when both do.
 COMBINES = ("any", "all")
 
+#: The largest finite float32: the gate compares in float32, so a threshold beyond it would be +inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Configuration of the DGG gate (frozen, validated). The exact rule is in docs/rule.md.
@@ -74,7 +78,7 @@ class GateConfig:
         window: number of reference observations the sliding window holds; the gate is inactive until it is
             full. Range: 2 <= window <= 65536.
         tau: Z-score threshold; a step on a reuse pass (k > 1) whose Z-score exceeds ``tau`` trips the gate.
-            The paper recommends 0.1-0.5. Range: finite, > 0.
+            The paper recommends 0.1-0.5. Range: > 0 and at most the largest float32 (the gate compares in float32).
         max_reuse: K, the maximum number of passes over one rollout batch (used by :meth:`GatedOptimizer.passes`
             and to validate :meth:`GatedOptimizer.set_reuse_index`). Range: 1 <= max_reuse <= 1024.
         statistic: what the Z-score is taken of, one of ``STATISTICS``.
@@ -92,6 +96,10 @@ class GateConfig:
         action: what a trip does, one of ``ACTIONS`` (:class:`Action`): ``"skip"`` (default) drops the step and
             stops reuse of the batch; ``"watch"`` only records it (the statistic and whether the rule fired), never
             dropping a step or stopping reuse.
+
+    A field the configured rule never reads must keep its default (``ValueError`` otherwise): e.g. ``tau`` of a
+    drift-only threshold gate, or ``drift_rule`` / ``drift_threshold`` / ``combine`` without ``drift``
+    (``window`` is always allowed: it also sizes the gate state).
     """
 
     window: int = 8
@@ -133,6 +141,30 @@ class GateConfig:
         object.__setattr__(self, "drift_threshold", float(self.drift_threshold))
         object.__setattr__(self, "tau", float(self.tau))
         object.__setattr__(self, "std_floor", float(self.std_floor))
+        for f in fields(self):
+            if f.name not in self._read_fields() and getattr(self, f.name) != f.default:
+                raise ValueError(
+                    f"GateConfig.{f.name}={getattr(self, f.name)!r} does nothing here: {self._rule_words()} never "
+                    f"reads it; leave it at its default {f.default!r}"
+                )
+
+    def _read_fields(self) -> set[str]:
+        """The fields the configured rule reads (``window`` always: it also sizes the gate state and checkpoints)."""
+        read = {"window", "max_reuse", "energy", "drift", "action"}
+        if self.energy:
+            read |= {"tau", "statistic", "reference", "std_floor"}
+        if self.drift is not None:
+            read.add("drift_rule")
+            read |= {"drift_threshold"} if self.drift_rule == "threshold" else {"tau", "reference", "std_floor"}
+            if self.energy:
+                read.add("combine")
+        return read
+
+    def _rule_words(self) -> str:
+        if self.drift is None:
+            return "the energy rule without a drift statistic (drift=None)"
+        drift = f"a {self.drift_rule} rule on {self.drift!r}"
+        return f"{drift} combined with the energy rule" if self.energy else f"a drift-only gate ({drift})"
 
     @property
     def uses_drift(self) -> bool:
@@ -214,5 +246,8 @@ def _check_name(name: str, value: Any, allowed: tuple) -> None:
 def _check_threshold(name: str, value: Any) -> None:
     if not is_real(value):
         raise ValueError(f"GateConfig.{name} must be a real number > 0, got {value!r}")
-    if not (0 < value < float("inf")):  # NaN fails too
-        raise ValueError(f"GateConfig.{name} must be finite and > 0, got {value!r}")
+    if not (0 < value <= FLOAT32_MAX):  # NaN fails too
+        raise ValueError(
+            f"GateConfig.{name} must be > 0 and at most the largest float32 ({FLOAT32_MAX:.7g}; the gate compares "
+            f"in float32), got {value!r}"
+        )

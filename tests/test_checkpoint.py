@@ -119,3 +119,21 @@ def test_gate_reuse_index_must_agree_with_the_saved_one():
     _assert_unchanged(opt, model, before)
     opt.load_state_dict(good)  # the consistent one loads
     assert opt.reuse_index == 2 and internals(opt).gate.reuse_index.item() == 2
+
+
+def test_a_checkpoint_with_settings_now_refused_still_loads():
+    """GateConfig refuses settings the rule never reads; a checkpoint written before that check (its config dict
+    holds one) still loads: the saved settings are only compared, with a warning, never rebuilt."""
+    import warnings
+
+    from dgg_fused import GateConfig, GatedOptimizer
+
+    model = make_model()
+    cfg = GateConfig(energy=False, drift="approx_kl")
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=None, config=cfg)
+    sd = opt.state_dict()
+    sd["dgg"]["config"] = {**sd["dgg"]["config"], "tau": 0.5}  # a drift-only threshold gate with a tau
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.load_state_dict(sd)
+    assert any("keeping the current" in str(w.message) for w in caught)

@@ -298,7 +298,7 @@ def test_drift_gate_checkpoint_round_trip_and_old_checkpoints():
 
 
 def test_named_presets():
-    assert GateConfig.paper() == GateConfig()
+    assert GateConfig.paper(tau=0.5).tau == 0.5
     rec = GateConfig.recommended()
     assert (rec.energy, rec.drift, rec.drift_rule, rec.drift_threshold) == (False, "approx_kl", "threshold", 0.02)
     assert GateConfig.recommended(drift_threshold=0.05, max_reuse=8).drift_threshold == 0.05
