@@ -137,3 +137,31 @@ def test_a_checkpoint_with_settings_now_refused_still_loads():
         warnings.simplefilter("always")
         opt.load_state_dict(sd)
     assert any("keeping the current" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ({"window": torch.tensor([[-1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])}, "negative"),  # an energy below 0
+        ({"prev_energy": torch.tensor(-2.0)}, "prev_energy"),
+        ({"prev_energy": torch.tensor(float("inf"))}, "prev_energy"),
+        ({"stopped": torch.tensor(True)}, "stopped.*reuse_index 1"),  # saved at k = 1: a new batch is unstopped
+        ({"drift_window": torch.tensor([0.1, float("nan"), 0.2]), "drift_filled": torch.tensor(3)}, "drift_window"),
+    ],
+)
+def test_impossible_gate_states_are_refused(edit, match):
+    """Regression (issue 17, edge 4): these loaded; with a NaN in the drift window the drift Z gate never
+    tripped again."""
+    from dgg_fused import GateConfig, GatedOptimizer
+
+    model = make_model()
+    cfg = GateConfig(window=3, drift="approx_kl", drift_rule="zscore")
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head, config=cfg)
+    opt.set_reuse_index(1)
+    good = opt.state_dict()
+    good["dgg"]["gate"]["filled"] = torch.tensor([3, 0])
+    good["dgg"]["gate"]["window"] = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    opt.load_state_dict(good)  # a consistent state loads
+    bad = {**good, "dgg": {**good["dgg"], "gate": {**good["dgg"]["gate"], **edit}}}
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
