@@ -61,20 +61,29 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool = True) -> nn.Module:
             head = get()
         except (NotImplementedError, AttributeError):
             head = None
+    rejected: list[str] = []
     if head is None:
         emb = _input_embedding(model)
         w_in = getattr(emb, "weight", None) if emb is not None else None
         vocab = w_in.shape[0] if w_in is not None and w_in.dim() == 2 else None
         for name in _FALLBACK_NAMES:
             cand = getattr(model, name, None)
-            w = getattr(cand, "weight", None) if isinstance(cand, nn.Module) else None
-            if w is not None and w.dim() == 2 and (vocab is None or w.shape[0] == vocab):
+            if not isinstance(cand, nn.Module):
+                continue
+            w = getattr(cand, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and (vocab is None or w.shape[0] == vocab):
                 head = cand
                 break
+            shape = tuple(w.shape) if isinstance(w, torch.Tensor) else None
+            why = (f"its weight {shape} does not have the input embedding's {vocab} rows" if shape and len(shape) == 2
+                   else f"it has no 2-D weight (weight: {shape})")
+            rejected.append(f"{name!r} ({type(cand).__name__}: {why})")
     if head is None:
+        found = f"; it has {', '.join(rejected)}, not an output projection" if rejected else (
+            f" and none of the attributes {_FALLBACK_NAMES}")
         raise ValueError(
             f"could not find the output projection of {type(model).__name__}: it has no get_output_embeddings() "
-            f"result and none of the attributes {_FALLBACK_NAMES}; pass lm_head= explicitly"
+            f"result{found}; pass lm_head= explicitly"
         )
     if warn_tied and is_tied(model, head):
         warnings.warn(
@@ -93,8 +102,9 @@ def params_of(lm_head: nn.Module | torch.Tensor | Iterable[torch.Tensor]) -> lis
 
     Raises:
         TypeError: anything else (a string, a dict, a non-tensor in the iterable).
-        ValueError: a whole model instead of its output projection (a module with parameters in more than 3
-            modules).
+        ValueError: a whole model instead of its output projection: a module that holds an embedding, exposes
+            ``get_output_embeddings()`` / ``get_input_embeddings()``, has an ``lm_head``-like child, or holds
+            parameters in more than 3 modules (an output projection has a weight, maybe a bias or a norm).
     """
     if isinstance(lm_head, nn.Module):
         _reject_whole_model(lm_head)
@@ -115,9 +125,23 @@ def params_of(lm_head: nn.Module | torch.Tensor | Iterable[torch.Tensor]) -> lis
 
 
 def _reject_whole_model(module: nn.Module) -> None:
-    n_mod = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
-    if n_mod > 3:  # an output projection is a module or two (weight, bias, maybe a norm); not a whole model
+    name = type(module).__name__
+    why = None
+    if any(isinstance(m, nn.Embedding) for m in module.modules()):
+        why = "holds an nn.Embedding"
+    elif callable(getattr(module, "get_output_embeddings", None)) or callable(
+        getattr(module, "get_input_embeddings", None)
+    ):
+        why = "is a model (it has get_output_embeddings/get_input_embeddings)"
+    elif any(isinstance(getattr(module, n, None), nn.Module) for n in _FALLBACK_NAMES):
+        child = next(n for n in _FALLBACK_NAMES if isinstance(getattr(module, n, None), nn.Module))
+        why = f"has an output-projection child {child!r}"
+    else:
+        n_mod = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+        if n_mod > 3:
+            why = f"has parameters in {n_mod} modules"
+    if why is not None:
         raise ValueError(
-            f"lm_head= is a {type(module).__name__} with parameters in {n_mod} modules: pass the output "
-            "projection (e.g. model.lm_head, or dgg_fused.find_lm_head(model)), not the whole model"
+            f"lm_head= is a {name} that {why}: pass the output projection (e.g. model.lm_head, or "
+            "dgg_fused.find_lm_head(model)), not the whole model"
         )
