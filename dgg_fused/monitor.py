@@ -350,18 +350,23 @@ class TripEffect:
 
 def trip_effect(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> TripEffect:
     """:class:`TripEffect` of the rule "on a reuse step, trip when ``signal > threshold``" over ``steps`` (dicts
-    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order)."""
-    tripped: set[Any] = set()
+    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order). A batch's steps are contiguous; a
+    first-pass step after a reuse step starts a new occurrence of a batch even when its id repeats (epochs)."""
+    stopped = False
+    prev: tuple[Any, int] | None = None
     trips = removed = 0
     removed_delta = 0.0
     for s in steps:
-        b = s["batch"]
-        if b in tripped:
+        b, k = s["batch"], int(s["reuse_index"])
+        if prev is None or b != prev[0] or (k == 1 and prev[1] > 1):
+            stopped = False  # a new batch, or a new occurrence of the same id
+        prev = (b, k)
+        if stopped:
             removed += 1
             removed_delta += float(s["delta"])
             continue
-        if int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
-            tripped.add(b)
+        if k > 1 and float(s[signal]) > threshold:
+            stopped = True
             trips += 1
             removed += 1
             removed_delta += float(s["delta"])
