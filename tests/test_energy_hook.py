@@ -241,3 +241,39 @@ def test_record_energy_after_backward_takes_precedence():
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
     opt.step()
     assert torch.equal(opt.metrics["energy"], pre)
+
+
+def test_a_second_optimizer_sees_the_gradients_a_fused_fold_clip_step_rewrote():
+    """Regression (issue 17, edge 1): a fused step handed a grad_scale (fold_clip, or a GradScaler) writes the
+    gradient it used back into .grad without bumping its version counter, so a second optimizer over a shared
+    lm_head used its hook's pre-step measurement. The write is now made visible (version bumped after the step):
+    the second optimizer measures the rewritten gradient, as it would without the hook."""
+    for hook in (True, False):
+        m = make_model(0, bias=True)
+        first = GatedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), lm_head=m.lm_head,
+                               config=CFG, max_grad_norm=1e-3, fold_clip=True, energy_hook=hook)
+        second = GatedOptimizer(torch.optim.SGD(m.lm_head.parameters(), lr=0.0, fused=True), lm_head=m.lm_head,
+                                config=CFG, energy_hook=hook)
+        loss_fn(m, batch(0), scale=5.0).backward()
+        first.step()  # clips by folding: the fused kernel rewrites .grad (divided by 1/coef)
+        second.step()
+        now = internals(second).meter.measure().total()
+        assert torch.equal(second.metrics["energy"], now), hook
+        assert second.metrics["energy"] < first.metrics["energy"]  # the clipped gradient, not the pre-clip one
+
+
+def test_writes_autograd_does_not_see_need_record_energy():
+    """``p.grad.data.mul_`` bypasses the version counter: undetectable, the documented remedy is record_energy()
+    after such a write (it replaces the hook's measurement); an in-place op on ``p.grad`` itself is detected."""
+    for change, remedy in ((lambda g: g.mul_(10.0), False), (lambda g: g.data.mul_(10.0), True)):
+        runs = []
+        for hook in (False, True):
+            m = make_model(0)
+            opt = _opt(m, hook, max_grad_norm=0.5)
+            loss_fn(m, batch(0)).backward()
+            change(m.lm_head.weight.grad)
+            if remedy:
+                opt.record_energy()
+            opt.step()
+            runs.append((opt.metrics["energy"].clone(), opt.grad_norm.clone(), m.lm_head.weight.detach().clone()))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))

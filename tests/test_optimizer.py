@@ -582,3 +582,74 @@ def test_decide_is_the_gates_half_of_step():
         b.zero_grad()
         assert_bit_identical(snapshot(m_a, a), snapshot(m_b, b), f"step {i}")
     assert a.get_metrics() == b.get_metrics() and a.get_metrics()["gated_steps"] == 1
+
+
+# ---------------------------------------------------------------- copies, settings, construction (issue 17 edges)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_fused_optimizer_stays_on_the_sync_free_path(how):
+    """Regression (issue 17, edge 2): torch drops _step_supports_amp_scaling from a copied optimizer, and the copy
+    left the sync-free path: a host sync per reuse step, a "without fused=True" warning, fold_clip ignored (the
+    gradients multiplied: other bits) and the energy hook's measurement never used."""
+    model = make_model(bias=True)
+    opt = GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=model.lm_head, config=TRIP,
+                         max_grad_norm=0.05, fold_clip=True, energy_hook=True)
+    fill_window(model, opt)
+    c = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert c.plan == opt.plan and c.plan.skip_path == "found_inf" and c._step_supports_amp_scaling and c.energy_hook
+    orig, mine = ([p for g in o.param_groups for p in g["params"]] for o in (opt, c))
+    names = [n for n, _ in model.named_parameters()]
+    for k, scale in ((2, 1.0), (3, 1e3)):  # a clipped reuse step (applied), then a spike (gated)
+        for o, ps in ((opt, orig), (c, mine)):
+            o.set_reuse_index(k)
+            ids, tgt = batch(40 + k)
+            logits = torch.func.functional_call(model, dict(zip(names, ps)), (ids,))
+            (torch.nn.functional.cross_entropy(logits, tgt) * scale).backward()  # the hooks measure
+        measured = []
+        meter = internals(c).meter
+        meter.measure = lambda *a, _m=meter.measure, **kw: (measured.append(1), _m(*a, **kw))[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "without fused=True" warning
+            with record_syncs() as rec:
+                c.step()
+        del meter.measure
+        opt.step()
+        assert rec.events == [], rec.events
+        assert measured == []  # the hook's measurement was the step's (and the clip reused it)
+        assert all(torch.equal(p, q) for p, q in zip(orig, mine))  # folded like the original: same bits
+        assert c.get_metrics() == opt.get_metrics()
+        assert c.get_metrics()["gated"] == float(scale > 1)
+        opt.zero_grad()
+        c.zero_grad()
+
+
+def test_settings_are_validated_after_construction_too():
+    """Regression (issue 17, edge 3): max_grad_norm = -1.0 (flips every gradient's sign) or 0.0 (zeroes every
+    update) and skip_mode = "bogus" were accepted after construction."""
+    model = make_model()
+    opt = gated("adamw_fused", model, max_grad_norm=1.0)
+    for bad in (-1.0, 0.0, float("inf"), float("nan"), "1.0"):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            opt.max_grad_norm = bad
+    assert opt.max_grad_norm == 1.0
+    opt.max_grad_norm = 2  # a valid change is taken (as a float)
+    assert opt.max_grad_norm == 2.0 and isinstance(opt.max_grad_norm, float)
+    opt.max_grad_norm = None
+    with pytest.raises(AttributeError, match="skip_mode is read-only"):
+        opt.skip_mode = "bogus"
+    with pytest.raises(TypeError, match="fold_clip"):
+        opt.fold_clip = 1
+    assert opt.skip_mode == "auto" and opt.fold_clip is False
+
+
+def test_an_unavailable_backend_raises_at_construction_even_for_a_drift_only_clip():
+    """Regression (issue 17, edge 9): a drift-only gate with max_grad_norm and backend="cuda" on a CPU model
+    constructed and failed at the first step()."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    model = make_model()
+    cfg = GateConfig(energy=False, drift="approx_kl")
+    for kw in ({"max_grad_norm": 1.0}, {}):
+        with pytest.raises(RuntimeError, match="not available for cpu"):
+            GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None, config=cfg, backend="cuda", **kw)
+    opt = GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None, config=cfg)
+    opt.max_grad_norm = 1.0  # "auto" resolves on every device
