@@ -548,15 +548,15 @@ class GatedOptimizer(torch.optim.Optimizer):
                 trip; the gate ignores the step. A fused inner step receives it as ``found_inf`` (combined with the
                 gate's); with any other inner optimizer dropping the step is the caller's (as a GradScaler does).
         """
-        self._warn_no_reuse_index()
         config, plan = self._config, self._plan
-        drift = self._take_drift()
         given = None
         if energy is not None:
             if not config.energy:
                 raise ValueError("decide_(energy=...): this gate's rule reads no lm_head energy (GateConfig.energy)")
             _check_one_float(energy, "decide_(energy=...) takes a 0-d floating tensor")
             given = Energy(energy.detach().reshape(()).to(torch.float32))
+        self._warn_no_reuse_index()
+        drift = self._take_drift()
         on_device = plan.skip_path == "found_inf" and not fused_sgd_unprimed(self.optimizer)
         # a hook's measurement is of the gradients as backward left them: unusable if a GradScaler unscaled them
         # in place since (it says so by handing found_inf without grad_scale)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dgg_fused import GateConfig, GatedOptimizer
+from dgg_fused.skip import StepDecision
 from dgg_fused.ops.reference import grad_sumsq_reference
 from dgg_fused.testing import internals
 from helpers import (
@@ -653,3 +654,56 @@ def test_an_unavailable_backend_raises_at_construction_even_for_a_drift_only_cli
             GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None, config=cfg, backend="cuda", **kw)
     opt = GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None, config=cfg)
     opt.max_grad_norm = 1.0  # "auto" resolves on every device
+
+
+# ---------------------------------------------------------------- the public seam: decide_ / apply_
+@quiet_host_path
+@pytest.mark.parametrize("name", ["adamw_fused", "sgd_momentum_fused", "adamw_foreach"])
+def test_decide_then_apply_is_step_bit_for_bit(name):
+    """step() is decide_() then apply_(): an engine using the seam gets exactly the plain step, trips included; an
+    energy handed to decide_(energy=) acts like record_energy(energy=) before step()."""
+    runs = []
+    for seam in (False, True):
+        model = make_model()
+        opt = gated(name, model, TRIP, max_grad_norm=0.5)
+        metrics = []
+        for b in range(4):
+            for k in (1, 2, 3):
+                opt.set_reuse_index(k)
+                loss_fn(model, batch(10 * b + k), 1e3 if (b, k) == (3, 2) else 1.0).backward()
+                e = internals(opt).meter.measure().total() * (2.0 if b == 2 else 1.0)
+                if seam:
+                    d = opt.decide_(energy=e)
+                    assert isinstance(d, StepDecision)
+                    opt.apply_(d)
+                else:
+                    opt.record_energy(energy=e)
+                    opt.step()
+                metrics.append(opt.get_metrics())
+                opt.zero_grad()
+        runs.append((snapshot(model, opt), metrics))
+    assert_bit_identical(runs[0][0], runs[1][0], f"{name}: seam vs step")
+    assert runs[0][1] == runs[1][1] and any(m["gated"] for m in runs[0][1])
+
+
+def test_decide_once_apply_many_and_the_step_hooks_run_once():
+    """What the DeepSpeed mode does: one decision per training step, inside step_hooks(), applied to several inner
+    calls (here: twice; a skipped decision stays skipped on every call)."""
+    model = make_model()
+    opt = gated("adamw_fused", model, TRIP)
+    fill_window(model, opt)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, kw: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, kw: calls.append("post"))
+    opt.set_reuse_index(2)
+    loss_fn(model, batch(9), 1e3).backward()
+    before = snapshot(model, opt)
+    with opt.step_hooks():
+        d = opt.decide_()
+    opt.apply_(d)
+    opt.apply_(d)
+    assert calls == ["pre", "post"]
+    assert_bit_identical(before, snapshot(model, opt), "a skipped decision applied twice")
+    with pytest.raises(ValueError, match="reads no lm_head energy"):
+        GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None,
+                       config=GateConfig(energy=False, drift="approx_kl")).decide_(energy=torch.tensor(1.0))
