@@ -88,3 +88,31 @@ def test_energy_hook_side_stream_matches_the_step_and_never_syncs(micro):
         runs.append((torch.stack(energies).cpu(), [p.detach().cpu() for p in model.parameters()]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_watch_is_the_bare_fused_optimizer_and_sync_free_on_cuda():
+    """action="watch" on CUDA: the rule fires on the spike and is recorded, no step is dropped, no host sync, and
+    the parameters and state equal the unwrapped fused AdamW's bit for bit."""
+    import dataclasses
+
+    runs = []
+    for cfg in (None, dataclasses.replace(TRIP, action="watch")):
+        model = make_model().cuda()
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        opt = inner if cfg is None else GatedOptimizer(inner, lm_head=model.lm_head, config=cfg)
+        data = [(b, k, _cuda_batch(10 * b + k)) for b in range(4) for k in (1, 2)]
+        for i, (b, k, d) in enumerate(data):
+            if cfg is not None:
+                opt.set_reuse_index(k)
+            loss_fn(model, d, 1e3 if (b, k) == (3, 2) else 1.0).backward()
+            if i:  # the first step allocates optimizer state
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            opt.zero_grad()
+        runs.append((snapshot(model, opt), None if cfg is None else opt.get_metrics()))
+    assert_bit_identical(runs[0][0], runs[1][0], "watch on CUDA")
+    m = runs[1][1]
+    assert m["gated"] == 1.0 and m["skipped"] == 0.0 and m["gated_steps"] == 0
