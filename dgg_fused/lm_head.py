@@ -103,8 +103,9 @@ def params_of(lm_head: nn.Module | torch.Tensor | Iterable[torch.Tensor]) -> lis
     Raises:
         TypeError: anything else (a string, a dict, a non-tensor in the iterable).
         ValueError: a whole model instead of its output projection: a module that holds an embedding, exposes
-            ``get_output_embeddings()`` / ``get_input_embeddings()``, has an ``lm_head``-like child, or holds
-            parameters in more than 3 modules (an output projection has a weight, maybe a bias or a norm).
+            ``get_output_embeddings()`` / ``get_input_embeddings()``, has an ``lm_head``-like child and parameters
+            besides it, or holds parameters in more than 3 modules (an output projection has a weight, maybe a bias
+            or a norm).
     """
     if isinstance(lm_head, nn.Module):
         _reject_whole_model(lm_head)
@@ -133,9 +134,9 @@ def _reject_whole_model(module: nn.Module) -> None:
         getattr(module, "get_input_embeddings", None)
     ):
         why = "is a model (it has get_output_embeddings/get_input_embeddings)"
-    elif any(isinstance(getattr(module, n, None), nn.Module) for n in _FALLBACK_NAMES):
-        child = next(n for n in _FALLBACK_NAMES if isinstance(getattr(module, n, None), nn.Module))
-        why = f"has an output-projection child {child!r}"
+    elif any(_params_outside(module, n) for n in _FALLBACK_NAMES):
+        child = next(n for n in _FALLBACK_NAMES if _params_outside(module, n))
+        why = f"has an output-projection child {child!r} and parameters besides it"
     else:
         n_mod = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
         if n_mod > 3:
@@ -145,3 +146,12 @@ def _reject_whole_model(module: nn.Module) -> None:
             f"lm_head= is a {name} that {why}: pass the output projection (e.g. model.lm_head, or "
             "dgg_fused.find_lm_head(model)), not the whole model"
         )
+
+
+def _params_outside(module: nn.Module, name: str) -> bool:
+    """``module.<name>`` is a module, and ``module`` has parameters that are not ``module.<name>``'s."""
+    child = getattr(module, name, None)
+    if not isinstance(child, nn.Module):
+        return False
+    inside = {id(p) for p in child.parameters()}
+    return any(id(p) not in inside for p in module.parameters())

@@ -117,7 +117,11 @@ class _Tiny(nn.Module):
         self.lm_head = nn.Linear(4, 9)
 
 
-def test_heads_with_a_bias_a_norm_or_adapters_are_accepted():
+def test_heads_with_a_bias_a_norm_or_a_wrapper_are_accepted():
     head = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 9))  # a norm and a projection
     opt = torch.optim.AdamW(head.parameters(), fused=True)
     assert len(GatedOptimizer(opt, lm_head=head).lm_head_params) == 4
+    wrapper = nn.Module()
+    wrapper.output = nn.Linear(4, 9)  # a wrapper around the projection alone
+    opt = torch.optim.AdamW(wrapper.parameters(), fused=True)
+    assert len(GatedOptimizer(opt, lm_head=wrapper).lm_head_params) == 2
