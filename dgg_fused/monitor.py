@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .lm_head import params_of
+
 __all__ = ["DWDMonitor", "classify_parameters", "GROUP_ORDER", "HarmOracle", "TripEffect", "auc", "signal_auc",
            "trip_effect"]
 
@@ -91,15 +93,15 @@ def classify_parameters(model: nn.Module, lm_head: Iterable[torch.Tensor] = ()) 
     return {g: ps for g, ps in groups.items() if ps}
 
 
-def _lm_head_weight(lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
-    if isinstance(lm_head, nn.Module):
-        w = getattr(lm_head, "weight", None)
-        if not isinstance(w, torch.Tensor):
-            raise ValueError(f"lm_head module {type(lm_head).__name__} has no weight tensor")
-        return w
-    if isinstance(lm_head, torch.Tensor):
-        return lm_head
-    raise TypeError(f"lm_head must be an nn.Module or a Parameter, got {type(lm_head).__name__}")
+def _lm_head_weight(lm_head: nn.Module | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the output projection's weight, all its parameters): a module with a ``weight``, or that weight."""
+    if not isinstance(lm_head, (nn.Module, torch.Tensor)):
+        raise TypeError(f"lm_head must be an nn.Module or a Parameter, got {type(lm_head).__name__}")
+    params = params_of(lm_head)  # the one normaliser (it also refuses a whole model)
+    w = getattr(lm_head, "weight", None) if isinstance(lm_head, nn.Module) else lm_head
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"lm_head module {type(lm_head).__name__} has no weight tensor")
+    return w, params
 
 
 class DWDMonitor:
@@ -135,10 +137,9 @@ class DWDMonitor:
             if lm_head is None:
                 raise ValueError("DWDMonitor: pass lm_head= (the model has no get_output_embeddings())")
         self.model = model
-        self.lm_head_weight = _lm_head_weight(lm_head)
+        self.lm_head_weight, head_params = _lm_head_weight(lm_head)
         vocab = self.lm_head_weight.shape[0]
         if groups is None:
-            head_params = list(lm_head.parameters()) if isinstance(lm_head, nn.Module) else [self.lm_head_weight]
             groups = classify_parameters(model, head_params)
         self.groups: dict[str, list[torch.Tensor]] = {g: list(ps) for g, ps in groups.items()}
         if used_rows is None:
@@ -349,18 +350,23 @@ class TripEffect:
 
 def trip_effect(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> TripEffect:
     """:class:`TripEffect` of the rule "on a reuse step, trip when ``signal > threshold``" over ``steps`` (dicts
-    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order)."""
-    tripped: set[Any] = set()
+    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order). A batch's steps are contiguous; a
+    first-pass step after a reuse step starts a new occurrence of a batch even when its id repeats (epochs)."""
+    stopped = False
+    prev: tuple[Any, int] | None = None
     trips = removed = 0
     removed_delta = 0.0
     for s in steps:
-        b = s["batch"]
-        if b in tripped:
+        b, k = s["batch"], int(s["reuse_index"])
+        if prev is None or b != prev[0] or (k == 1 and prev[1] > 1):
+            stopped = False  # a new batch, or a new occurrence of the same id
+        prev = (b, k)
+        if stopped:
             removed += 1
             removed_delta += float(s["delta"])
             continue
-        if int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
-            tripped.add(b)
+        if k > 1 and float(s[signal]) > threshold:
+            stopped = True
             trips += 1
             removed += 1
             removed_delta += float(s["delta"])
