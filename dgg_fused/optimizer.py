@@ -677,7 +677,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(sd)
         if parsed is not None:
             k, scratch = parsed
-            self._gate.load_state_dict(scratch.tensors())
+            self._gate.load_state_dict(scratch.tensors(), action=self.config.action)
             self._reuse_index = k
             self._reuse_index_set = True
             self._discard_recorded()

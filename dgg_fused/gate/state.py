@@ -154,12 +154,14 @@ class GateState:
         """Copies of every tensor (a checkpoint must not alias live state)."""
         return {k: v.detach().clone() for k, v in self.tensors().items()}
 
-    def load_state_dict(self, sd: dict[str, Any], *, max_reuse: int | None = None) -> None:
+    def load_state_dict(self, sd: dict[str, Any], *, max_reuse: int | None = None, action: str = "skip") -> None:
         """Copy a :meth:`state_dict` into this state in place (addresses stay stable for CUDA graphs).
 
         Validates every key, shape, dtype and value (``filled`` in [0, W], counters >= 0 and consistent,
         ``reuse_index`` in [1, ``max_reuse``], ``skip`` 0 or 1, ``last`` flags 0 or 1) before writing anything, so a
-        bad checkpoint changes nothing. Reading the values is one host sync: loading is not a training step.
+        bad checkpoint changes nothing. ``action``: the ``GateConfig.action`` of the gate loading it, whose states
+        it must be one of (with ``"skip"`` every trip is a dropped step, so ``stopped_batches <= gated_steps``;
+        under another action the rule fires without dropping). Reading the values is one host sync: loading is not a training step.
         """
         mine = self.tensors()
         if any(k not in sd for k in self.OPTIONAL):  # an older checkpoint: fresh drift state
@@ -176,7 +178,7 @@ class GateState:
                     f"gate state '{k}': expected shape {tuple(dst.shape)} dtype {dst.dtype}, got {got}"
                     " (was the checkpoint written with another GateConfig.window?)"
                 )
-        _check_values({k: sd[k] for k in mine}, self.window_size, max_reuse)
+        _check_values({k: sd[k] for k in mine}, self.window_size, max_reuse, action)
         for k, dst in mine.items():
             dst.copy_(sd[k])
 
@@ -186,7 +188,7 @@ class GateState:
             setattr(self, k, v.to(device))
 
 
-def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None) -> None:
+def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None, action: str) -> None:
     filled = sd["filled"].cpu().tolist()
     if any(not (0 <= f <= w) for f in filled):
         raise ValueError(f"gate state 'filled' must be in [0, {w}], got {filled}")
@@ -195,10 +197,13 @@ def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None) ->
     if not (1 <= k <= hi):
         raise ValueError(f"gate state 'reuse_index' must be in [1, {max_reuse}], got {k}")
     steps, gated, trips = sd["counters"].cpu().tolist()
-    if min(steps, gated, trips) < 0 or gated > steps or trips > gated:
-        raise ValueError(
-            f"gate state 'counters' must satisfy 0 <= stopped_batches <= gated_steps <= steps, got {[steps, gated, trips]}"
-        )
+    if action == "skip":  # every trip drops its step
+        if min(steps, gated, trips) < 0 or gated > steps or trips > gated:
+            raise ValueError(f"gate state 'counters' must satisfy 0 <= stopped_batches <= gated_steps <= steps, got "
+                             f"{[steps, gated, trips]}")
+    elif min(steps, gated, trips) < 0 or gated > steps or trips > steps:  # the rule fires without dropping
+        raise ValueError(f"gate state 'counters' must satisfy 0 <= gated_steps, stopped_batches <= steps (action="
+                         f"{action!r}), got {[steps, gated, trips]}")
     skip = float(sd["skip"].cpu())
     last = sd["last"].cpu().tolist()
     if skip not in (0.0, 1.0) or last[LAST_GATED] not in (0.0, 1.0) or last[LAST_SKIPPED] not in (0.0, 1.0):
