@@ -53,10 +53,12 @@ REFERENCES = tuple(r.name.lower() for r in Reference)
 ACTIONS = tuple(a.name.lower() for a in Action)
 
 #: Policy-drift statistics a caller can hand to the gate (:meth:`GatedOptimizer.record_drift`, computed by
-#: :func:`dgg_fused.drift_stats` from the loss's log-probabilities). ``"approx_kl"``: the k3 estimator
-#: ``E[(r - 1) - log r]`` of KL(rollout policy || current policy), r the importance ratio; ``"clip_frac"``: the
-#: fraction of tokens whose ratio is outside ``[1 - eps, 1 + eps]``; ``"ratio_max"``: ``max |log r|``.
-DRIFT_STATS = ("approx_kl", "clip_frac", "ratio_max")
+#: :func:`dgg_fused.drift_stats` from the loss's log-probabilities; r the token importance ratio). ``"approx_kl"``:
+#: the k3 estimator ``E[(r - 1) - log r]`` of KL(rollout policy || current policy); ``"clip_frac"``: the fraction
+#: of tokens whose ratio is outside ``[1 - eps, 1 + eps]``; ``"ratio_max"``: ``max |log r|``; ``"ess"``: the
+#: normalised effective sample size ``(sum r)^2 / (n sum r^2)`` (VCPO); ``"log_ratio_m2"``: ``E[(log r)^2]``
+#: (M2PO); ``"tv"``: ``E|r - 1| / 2`` (DPPO).
+DRIFT_STATS = ("approx_kl", "clip_frac", "ratio_max", "ess", "log_ratio_m2", "tv")
 
 #: How a drift statistic trips: ``"threshold"``: its value exceeds ``drift_threshold`` (PPO's target-KL early
 #: stop); ``"zscore"``: its Z-score against a window of reference values (``reference``) exceeds ``tau``.
