@@ -7,7 +7,8 @@ Importing it loads neither ``torch._dynamo`` nor triton (tests/test_import.py); 
 Triton kernels are loaded when a backend first needs them.
 """
 
-from .config import ACTIONS, COMBINES, DRIFT_RULES, DRIFT_STATS, REFERENCES, STATISTICS, GateConfig
+from .config import (ACTIONS, COMBINES, DRIFT_DIRECTIONS, DRIFT_RULES, DRIFT_STATS, GATE_DRIFT_STATS, HARM_DIRECTIONS,
+                     REFERENCES, STATISTICS, GateConfig)
 from .drift import drift_stats
 from .lm_head import TiedLmHeadWarning, find_lm_head, is_tied
 from .ops import available_backends, grad_sumsq
@@ -21,6 +22,9 @@ __all__ = [
     "STATISTICS",
     "REFERENCES",
     "DRIFT_STATS",
+    "GATE_DRIFT_STATS",
+    "HARM_DIRECTIONS",
+    "DRIFT_DIRECTIONS",
     "DRIFT_RULES",
     "COMBINES",
     "ACTIONS",

@@ -59,7 +59,8 @@ def parse_gate_entry(entry: Any, config: GateConfig, device: torch.device) -> tu
     if not is_int(k) or not (1 <= k <= config.max_reuse):
         raise ValueError(f"checkpoint reuse_index {k!r} is outside [1, {config.max_reuse}]")
     scratch = GateState.create(config.window, device)
-    scratch.load_state_dict(entry["gate"], max_reuse=config.max_reuse)  # validates shapes, dtypes and values
+    # shapes, dtypes and values, as a state of this config's gate (its action decides the counters' invariants)
+    scratch.load_state_dict(entry["gate"], max_reuse=config.max_reuse, action=config.action)
     gate_k = int(scratch.reuse_index.cpu())
     if gate_k != int(k):
         raise ValueError(

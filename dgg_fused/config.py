@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
 from typing import Any, Mapping
 
-__all__ = ["GateConfig", "STATISTICS", "REFERENCES", "ACTIONS", "DRIFT_STATS", "DRIFT_RULES", "COMBINES",
-           "Statistic", "Reference", "Action"]  # fmt: skip
+__all__ = ["GateConfig", "STATISTICS", "REFERENCES", "ACTIONS", "DRIFT_STATS", "GATE_DRIFT_STATS", "HARM_DIRECTIONS",
+           "DRIFT_DIRECTIONS", "DRIFT_RULES", "COMBINES", "Statistic", "Reference", "Action"]  # fmt: skip
 
 
 class Statistic(IntEnum):
@@ -41,10 +41,14 @@ class Action(IntEnum):
     """What a trip does. ``SKIP`` (the default, the paper's rule): the step is dropped exactly and reuse of the
     batch stops. ``WATCH``: the rule is evaluated and recorded in the metrics (``statistic``, and ``gated`` = the
     rule fired on this step), but no step is ever dropped and reuse is never stopped: the inner optimizer's
-    results are bit-identical to running it unwrapped."""
+    results are bit-identical to running it unwrapped. ``SCALE`` (a drift threshold gate only; VCPO's soft action):
+    on reuse passes the step is taken with its learning rate multiplied by a factor in [0, 1] from the drift
+    statistic and ``drift_threshold`` (1 while the statistic is on the harmless side); reuse is never stopped; a
+    non-finite statistic drops the step exactly (docs/rule.md)."""
 
     SKIP = 0
     WATCH = 1
+    SCALE = 2
 
 
 #: The names of :class:`Statistic`, :class:`Reference` and :class:`Action` (what :class:`GateConfig` takes).
@@ -53,10 +57,26 @@ REFERENCES = tuple(r.name.lower() for r in Reference)
 ACTIONS = tuple(a.name.lower() for a in Action)
 
 #: Policy-drift statistics a caller can hand to the gate (:meth:`GatedOptimizer.record_drift`, computed by
-#: :func:`dgg_fused.drift_stats` from the loss's log-probabilities). ``"approx_kl"``: the k3 estimator
-#: ``E[(r - 1) - log r]`` of KL(rollout policy || current policy), r the importance ratio; ``"clip_frac"``: the
-#: fraction of tokens whose ratio is outside ``[1 - eps, 1 + eps]``; ``"ratio_max"``: ``max |log r|``.
-DRIFT_STATS = ("approx_kl", "clip_frac", "ratio_max")
+#: :func:`dgg_fused.drift_stats` from the loss's log-probabilities; r the token importance ratio). ``"approx_kl"``:
+#: the k3 estimator ``E[(r - 1) - log r]`` of KL(rollout policy || current policy); ``"clip_frac"``: the fraction
+#: of tokens whose ratio is outside ``[1 - eps, 1 + eps]``; ``"ratio_max"``: ``max |log r|``; ``"ess"``: the
+#: normalised effective sample size ``(sum r)^2 / (n sum r^2)`` (VCPO); ``"log_ratio_m2"``: ``E[(log r)^2]``
+#: (M2PO); ``"tv"``: ``E|r - 1| / 2`` (DPPO).
+DRIFT_STATS = ("approx_kl", "clip_frac", "ratio_max", "ess", "log_ratio_m2", "tv")
+
+#: Drift statistics the gate computes itself (nothing is handed in for them): ``"energy_decay"``, the lm_head energy
+#: of this step divided by the mean lm_head energy of the same rollout batch's first-pass (k = 1) steps (the
+#: gate reads the lm_head for it, also with ``energy=False``).
+GATE_DRIFT_STATS = ("energy_decay",)
+
+#: The harm direction of every drift statistic: ``"above"`` (a high value means drift) or ``"below"`` (a low one:
+#: the effective sample size falls as the policy drifts; the energy of an exhausted batch decays).
+HARM_DIRECTIONS = {"approx_kl": "above", "clip_frac": "above", "ratio_max": "above", "ess": "below",
+                   "log_ratio_m2": "above", "tv": "above", "energy_decay": "below"}  # fmt: skip
+
+#: ``GateConfig.drift_direction``: ``"auto"`` (the statistic's :data:`HARM_DIRECTIONS` entry), ``"above"`` (trips
+#: when the value is above the threshold, or its Z-score above tau), ``"below"`` (below the threshold, Z below -tau).
+DRIFT_DIRECTIONS = ("auto", "above", "below")
 
 #: How a drift statistic trips: ``"threshold"``: its value exceeds ``drift_threshold`` (PPO's target-KL early
 #: stop); ``"zscore"``: its Z-score against a window of reference values (``reference``) exceeds ``tau``.
@@ -88,18 +108,24 @@ class GateConfig:
             Range: 0 <= std_floor < 1.
         energy: use the paper's rule on the lm_head gradient energy (``statistic``/``reference``/``tau``). With
             ``energy=False`` the lm_head is not read at all and ``drift`` must be set.
-        drift: a policy-drift statistic to watch (one of ``DRIFT_STATS``), handed in per step with
-            :meth:`GatedOptimizer.record_drift`; None (default) watches none.
+        drift: a policy-drift statistic to watch: one of ``DRIFT_STATS``, handed in per step with
+            :meth:`GatedOptimizer.record_drift`, or one of ``GATE_DRIFT_STATS`` (``"energy_decay"``), which the gate
+            computes from its own lm_head energy; None (default) watches none.
         drift_rule: how ``drift`` trips, one of ``DRIFT_RULES``.
         drift_threshold: the threshold of ``drift_rule="threshold"`` (e.g. a target KL). Range as ``tau``.
+        drift_direction: which side of the threshold (or of the window, for ``"zscore"``) trips, one of
+            ``DRIFT_DIRECTIONS``: ``"auto"`` (default) is the statistic's harm direction (:data:`HARM_DIRECTIONS`:
+            ``"below"`` for ``ess`` and ``energy_decay``, ``"above"`` for the others).
         combine: how the energy and drift rules combine when both are on, one of ``COMBINES``.
         action: what a trip does, one of ``ACTIONS`` (:class:`Action`): ``"skip"`` (default) drops the step and
             stops reuse of the batch; ``"watch"`` only records it (the statistic and whether the rule fired), never
-            dropping a step or stopping reuse.
+            dropping a step or stopping reuse; ``"scale"`` (``energy=False`` and ``drift_rule="threshold"`` only)
+            takes reuse-pass steps with the learning rate multiplied by ``clamp(d / drift_threshold, 0, 1)`` (a
+            "below" statistic d) or ``clamp(drift_threshold / d, 0, 1)`` (an "above" one), never stopping reuse.
 
     A field the configured rule never reads must keep its default (``ValueError`` otherwise): e.g. ``tau`` of a
     drift-only threshold gate, or ``drift_rule`` / ``drift_threshold`` / ``combine`` without ``drift``
-    (``window`` is always allowed: it also sizes the gate state).
+    (``window`` is always allowed: it also sizes the gate state), or ``drift_direction`` without ``drift``.
     """
 
     window: int = 8
@@ -114,6 +140,7 @@ class GateConfig:
     drift_threshold: float = 0.02
     combine: str = "any"
     action: str = "skip"
+    drift_direction: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 2, 65536)
@@ -127,14 +154,18 @@ class GateConfig:
         _check_name("reference", self.reference, REFERENCES)
         if not isinstance(self.energy, bool):
             raise ValueError(f"GateConfig.energy must be a bool, got {self.energy!r}")
-        if self.drift is not None and self.drift not in DRIFT_STATS:
-            raise ValueError(f"GateConfig.drift must be None or one of {DRIFT_STATS}, got {self.drift!r}")
+        if self.drift is not None and self.drift not in DRIFT_STATS + GATE_DRIFT_STATS:
+            raise ValueError(f"GateConfig.drift must be None or one of {DRIFT_STATS + GATE_DRIFT_STATS}, got "
+                             f"{self.drift!r}")
         if not self.energy and self.drift is None:
             raise ValueError("GateConfig: energy=False needs a drift statistic (drift=...), else nothing is watched")
         _check_name("drift_rule", self.drift_rule, DRIFT_RULES)
         _check_threshold("drift_threshold", self.drift_threshold)
         _check_name("combine", self.combine, COMBINES)
         _check_name("action", self.action, ACTIONS)
+        _check_name("drift_direction", self.drift_direction, DRIFT_DIRECTIONS)
+        if self.action == "scale":
+            _check_scale(self)
         # Normalise numeric types (numpy scalars included) so that asdict()/from_dict() round-trips exactly.
         object.__setattr__(self, "window", int(self.window))
         object.__setattr__(self, "max_reuse", int(self.max_reuse))
@@ -154,7 +185,7 @@ class GateConfig:
         if self.energy:
             read |= {"tau", "statistic", "reference", "std_floor"}
         if self.drift is not None:
-            read.add("drift_rule")
+            read |= {"drift_rule", "drift_direction"}
             read |= {"drift_threshold"} if self.drift_rule == "threshold" else {"tau", "reference", "std_floor"}
             if self.energy:
                 read.add("combine")
@@ -172,10 +203,30 @@ class GateConfig:
         return self.drift is not None or not self.energy
 
     @property
+    def takes_drift(self) -> bool:
+        """The watched drift statistic is handed in with :meth:`GatedOptimizer.record_drift` (one of
+        :data:`DRIFT_STATS`), not computed by the gate."""
+        return self.drift in DRIFT_STATS
+
+    @property
+    def reads_energy(self) -> bool:
+        """The gate measures the lm_head energy: for the energy rule, or for a drift statistic it computes from it
+        (``drift="energy_decay"``, also with ``energy=False``)."""
+        return self.energy or self.drift in GATE_DRIFT_STATS
+
+    @property
+    def trip_direction(self) -> str | None:
+        """``drift_direction`` resolved: ``"above"`` or ``"below"`` (``"auto"``: the statistic's
+        :data:`HARM_DIRECTIONS` entry); None without a drift statistic."""
+        if self.drift is None:
+            return None
+        return HARM_DIRECTIONS[self.drift] if self.drift_direction == "auto" else self.drift_direction
+
+    @property
     def reference_only(self) -> bool:
         """Only the reference implementation runs this rule: the fused twins (C++/CUDA/Triton) implement the
-        energy rule with ``action="skip"``; a drift statistic or ``action="watch"`` runs the reference (still on
-        the device, no host sync)."""
+        energy rule with ``action="skip"``; a drift statistic or another action runs the reference (still on the
+        device, no host sync)."""
         return self.uses_drift or self.action != "skip"
 
     @property
@@ -241,6 +292,20 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
 def _check_name(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"GateConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_scale(config: GateConfig) -> None:
+    """``action="scale"`` is a drift threshold gate's: its factor is the statistic relative to ``drift_threshold``."""
+    if config.drift is None:
+        raise ValueError("GateConfig.action='scale' scales reuse-pass steps by a drift statistic: it needs drift=... "
+                         f"(one of {DRIFT_STATS + GATE_DRIFT_STATS}) and energy=False")
+    if config.energy:
+        raise ValueError("GateConfig.action='scale' is drift-only: set energy=False (the energy Z rule stops reuse; "
+                         "it has no threshold to scale a step by, and a stop combined with a scale is not defined)")
+    if config.drift_rule != "threshold":
+        raise ValueError("GateConfig.action='scale' needs drift_rule='threshold': the factor is "
+                         "clamp(d / drift_threshold, 0, 1) (a 'below' statistic) or clamp(drift_threshold / d, 0, 1) "
+                         "(an 'above' one); a Z-score has no such scale")
 
 
 def _check_threshold(name: str, value: Any) -> None:

@@ -30,10 +30,25 @@ def drift_stats(
         clip_eps: the PPO clip range used for ``clip_frac``.
 
     Returns:
-        ``{"approx_kl", "clip_frac", "ratio_max"}`` (see :data:`dgg_fused.DRIFT_STATS`), each a 0-d float32 tensor
-        on ``logp_new``'s device: ``approx_kl = mean((r - 1) - log r)`` (the k3 estimator of KL(old || new), always
-        >= 0; what PPO implementations compare with ``target_kl``), ``clip_frac = mean(|r - 1| > clip_eps)``,
-        ``ratio_max = max |log r|``, with ``r = exp(logp_new - logp_old)``. With no counted token all three are 0.
+        One 0-d float32 tensor on ``logp_new``'s device per name of :data:`dgg_fused.DRIFT_STATS`. Over the ``n``
+        counted tokens, with ``l = logp_new - logp_old`` and the importance ratio (weight) ``r = w = exp(l)``:
+
+        * ``approx_kl = mean((r - 1) - l)``: the k3 estimator of KL(old || new), always >= 0; what PPO
+          implementations compare with ``target_kl``;
+        * ``clip_frac = mean(|r - 1| > clip_eps)``;
+        * ``ratio_max = max |l|``;
+        * ``ess = (sum w)^2 / (n sum w^2)``: the normalised effective sample size of the token importance weights
+          (VCPO), in (0, 1], 1 on policy, falling with drift. Computed with the largest ``l`` subtracted first
+          (``w_i = exp(l_i - max l)``; the ratio is unchanged), so log ratios far beyond float32's ``exp`` range
+          (e.g. +-80, +-1000) give the right value; clamped at 1 (the float32 rounding of a value that is <= 1);
+        * ``log_ratio_m2 = mean(l^2)``: the second moment of the log ratio (M2PO);
+        * ``tv = mean(|r - 1|) / 2``: the total-variation estimate of DPPO's trust region (``r - 1`` as
+          ``expm1(l)``, exact near r = 1).
+
+        The log-probabilities are rounded to float32 first and everything is computed in float32 (sums as torch's
+        ``sum``). With no counted token (an empty tensor or mask) nothing has drifted: ``ess = 1`` and every other
+        statistic is 0. A non-finite counted log ratio makes the statistics it enters non-finite (a gate trips on
+        a non-finite value); masked-out tokens (padding, -inf log-probabilities) contribute nothing.
 
     Raises:
         ValueError: shapes differ, or ``clip_eps`` is not a finite number >= 0.
@@ -61,4 +76,21 @@ def drift_stats(
     approx_kl = torch.where(m, (r - 1.0) - log_r, zero).sum() / n
     clip_frac = (m & ((r - 1.0).abs() > clip_eps)).sum().to(torch.float32) / n
     ratio_max = log_r.abs().amax() if log_r.numel() else zero
-    return {"approx_kl": approx_kl, "clip_frac": clip_frac, "ratio_max": ratio_max.to(torch.float32)}
+    log_ratio_m2 = log_r.square().sum() / n
+    tv = 0.5 * torch.where(m, log_r.expm1().abs(), zero).sum() / n  # expm1: no cancellation in r - 1 near r = 1
+    return {"approx_kl": approx_kl, "clip_frac": clip_frac, "ratio_max": ratio_max.to(torch.float32),
+            "ess": _ess(log_r, m), "log_ratio_m2": log_ratio_m2, "tv": tv}
+
+
+def _ess(log_r: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``(sum w)^2 / (n sum w^2)`` over the counted tokens ``m``, ``w = exp(log_r)``, with the largest counted log
+    ratio subtracted first (the ratio is invariant to a common factor of the weights): every weight is then <= 1 and
+    the largest is 1, so neither sum overflows and ``n sum w^2 >= 1``. 1 without a counted token."""
+    neg_inf = torch.full((), float("-inf"), dtype=log_r.dtype, device=log_r.device)
+    top = torch.where(m, log_r, neg_inf).amax() if log_r.numel() else neg_inf
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # no counted token (or all -inf): no shift
+    w = torch.where(m, (log_r - top).exp(), torch.zeros_like(log_r))
+    count = m.sum().to(torch.float32)
+    s1, s2 = w.sum(), w.square().sum()
+    ess = (s1 * s1 / (count * s2)).clamp(max=1.0)
+    return torch.where(count > 0, ess, torch.ones_like(ess))

@@ -119,7 +119,8 @@ class GatedOptimizer(torch.optim.Optimizer):
         optimizer: any ``torch.optim.Optimizer`` holding the lm_head parameters. ``fused=True`` Adam, AdamW, SGD
             and Adagrad take the sync-free path (README, "Exact skip, no host sync").
         lm_head: the output projection: an ``nn.Module``, a ``Parameter`` or an iterable of Parameters
-            (:func:`dgg_fused.find_lm_head` finds it). None only with ``config.energy=False``.
+            (:func:`dgg_fused.find_lm_head` finds it). None only when the gate reads no energy (``config.energy=False``
+            with a drift statistic other than ``"energy_decay"``).
         config: a :class:`GateConfig` (default ``GateConfig()``, the paper's rule).
         skip_mode: one of :data:`SKIP_MODES`.
         backend: ``"auto"`` or a name of :data:`dgg_fused.ops.BACKENDS`: the kernels of the energy, of the gate
@@ -165,7 +166,8 @@ class GatedOptimizer(torch.optim.Optimizer):
         if not isinstance(energy_hook, bool):
             raise TypeError(f"energy_hook must be a bool, got {type(energy_hook).__name__}")
         if energy_hook and not params:
-            raise ValueError("energy_hook=True measures the lm_head energy: it needs lm_head= (GateConfig.energy)")
+            raise ValueError("energy_hook=True measures the lm_head energy: it needs lm_head= (GateConfig.energy, or "
+                             "drift='energy_decay')")
         plan = make_plan(optimizer, config, params, backend=backend, skip_mode=skip_mode, energy_group=energy_group)
 
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults (delegated below).
@@ -371,8 +373,10 @@ class GatedOptimizer(torch.optim.Optimizer):
     def set_reuse_index(self, k: int) -> None:
         """Declare which pass over the current rollout batch the next steps belong to.
 
-        ``k == 1`` starts a new batch (clears :attr:`reuse_stopped`); ``k > 1`` is a reuse pass, on which the gate
-        may trip once its window is full. Costs one tiny device write, no sync.
+        ``k == 1`` starts a new batch (clears :attr:`reuse_stopped`; the first one after a reuse pass also restarts
+        the first-pass energy mean of ``drift="energy_decay"``, so calling it once per micro-step of a first pass
+        is fine); ``k > 1`` is a reuse pass, on which the gate may trip once its window is full. Costs a few tiny
+        device writes, no sync.
         """
         if not is_int(k):
             raise TypeError(f"set_reuse_index expects an int, got {type(k).__name__}")
@@ -388,7 +392,7 @@ class GatedOptimizer(torch.optim.Optimizer):
     @property
     def reuse_stopped(self) -> bool:
         """True once the gate has tripped on the current batch: get fresh rollouts (never, with
-        ``action="watch"``).
+        ``action="watch"`` or ``"scale"``).
 
         Read from a host copy that :meth:`step` made asynchronously, so it never stalls the device. On CUDA it can
         lag behind steps still queued on the GPU (those steps are skipped on the device regardless, so a late
@@ -551,8 +555,9 @@ class GatedOptimizer(torch.optim.Optimizer):
         config, plan = self._config, self._plan
         given = None
         if energy is not None:
-            if not config.energy:
-                raise ValueError("decide_(energy=...): this gate's rule reads no lm_head energy (GateConfig.energy)")
+            if not config.reads_energy:
+                raise ValueError("decide_(energy=...): this gate's rule reads no lm_head energy (GateConfig.energy, "
+                                 "drift='energy_decay')")
             _check_one_float(energy, "decide_(energy=...) takes a 0-d floating tensor")
             given = Energy(energy.detach().reshape(()).to(torch.float32))
         self._warn_no_reuse_index()
@@ -562,7 +567,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         # in place since (it says so by handing found_inf without grad_scale)
         unscaled = plan.skip_path != "found_inf" or (external_skip is not None and grad_scale is None)
         m = self._meter.for_step(
-            given=given, need_energy=config.energy, scaler_scale=grad_scale, scaler_unscaled=unscaled,
+            given=given, need_energy=config.reads_energy, scaler_scale=grad_scale, scaler_unscaled=unscaled,
             param_groups=self.param_groups, max_grad_norm=self._max_grad_norm, fold=self._fold_clip and on_device,
         )  # fmt: skip
         if m.grad_norm is not None:
@@ -578,25 +583,28 @@ class GatedOptimizer(torch.optim.Optimizer):
             self._gate, m.energy.value if m.energy is not None else None, config, external, drift=drift,
             grad_scale=m.energy.grad_scale if m.energy is not None else None, impl=self._plan.gate_impl,
         )  # fmt: skip
-        if config.action != "skip":
-            skip = None  # watch: nothing to skip, nothing to read
+        if config.action == "watch":
+            skip = None  # nothing to skip, nothing to read
         elif not on_device:
             self._warn_host_path()
         decision = decide(
             on_device, skip, external=external, scaler_inf=external_skip, reuse_index=self._reuse_index,
             optimizer=self.optimizer, grad_scale=m.inner_scale,
+            lr_scale=self._gate.scale if config.action == "scale" else None,
         )  # fmt: skip
         self._stop_flag.publish(self._gate.stopped)
         return decision
 
     def apply_(self, decision: StepDecision) -> None:
         """Run the inner optimizer's step under ``decision`` (from :meth:`decide_`): exactly skipped, or applied with
-        its ``found_inf`` / ``grad_scale``. Engines call it once per client step of a training step."""
+        its ``found_inf`` / ``grad_scale`` (and, with ``action="scale"`` on a reuse pass, every group's learning rate
+        multiplied by the gate's factor for this call only). Engines call it once per client step of a training
+        step."""
         apply_(self.optimizer, decision)
 
     def _take_drift(self) -> torch.Tensor | None:
         drift = None
-        if self._config.uses_drift:
+        if self._config.takes_drift:
             drift = self._pending_drift.get(self._config.drift)
             if drift is None:
                 raise RuntimeError(
@@ -633,17 +641,20 @@ class GatedOptimizer(torch.optim.Optimizer):
         this step was dropped: tripped, or on a stopped batch), ``steps``, ``gated_steps`` (dropped steps),
         ``stopped_batches`` (trips; with ``action="watch"`` the steps on which the rule fired), ``reuse_index``,
         ``drift`` and ``drift_statistic`` (with ``config.drift`` set only: the watched drift statistic's value, and
-        what its rule compared — the value itself, or its Z-score), ``window_filled`` (reference observations the
-        rule's window holds; the gate can trip only once it reaches ``config.window`` — the warm-up made visible).
+        what its rule compared — the value itself, or its Z-score; for ``drift="energy_decay"`` the decay the gate
+        computed), ``window_filled`` (reference observations the rule's window holds; the gate can trip only once it
+        reaches ``config.window`` — the warm-up made visible), ``scale`` (``action="scale"`` only: the learning-rate
+        factor of the last step: 1.0 unscaled, in [0, 1) scaled, 0.0 dropped for a non-finite statistic).
         """
-        out = self._gate.metrics(drift=self.config.drift is not None)
+        out = self._gate.metrics(drift=self.config.drift is not None, scale=self.config.action == "scale")
         out["window_filled"] = self._gate.window_filled(self.config)
         return out
 
     def get_metrics(self) -> dict[str, float | int]:
         """:attr:`metrics` as Python numbers for a logger. This is the one call that syncs: do it when logging."""
         return self._gate.metrics_host(
-            drift=self.config.drift is not None, window_filled=self._gate.window_filled(self.config)
+            drift=self.config.drift is not None, window_filled=self._gate.window_filled(self.config),
+            scale=self.config.action == "scale",
         )
 
     # ------------------------------------------------------------------ checkpoints (format: dgg_fused.checkpoint)
@@ -677,7 +688,7 @@ class GatedOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(sd)
         if parsed is not None:
             k, scratch = parsed
-            self._gate.load_state_dict(scratch.tensors())
+            self._gate.load_state_dict(scratch.tensors(), action=self.config.action)
             self._reuse_index = k
             self._reuse_index_set = True
             self._discard_recorded()
@@ -701,6 +712,9 @@ def _lm_head_params(lm_head: Any, optimizer: torch.optim.Optimizer, config: Gate
     if lm_head is None:
         if config.energy:
             raise TypeError("lm_head= is required by the lm_head-energy rule (GateConfig.energy=True)")
+        if config.reads_energy:
+            raise TypeError(f"lm_head= is required by drift={config.drift!r}: the gate computes it from the lm_head "
+                            "energy")
         return []
     params = params_of(lm_head)
     if not params:

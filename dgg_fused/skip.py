@@ -17,11 +17,13 @@ knows nothing of energies or windows.
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["StepDecision", "supports_found_inf", "fused_sgd_unprimed", "decide", "apply_", "HOST_PATH_WARNING"]
+__all__ = ["StepDecision", "supports_found_inf", "fused_sgd_unprimed", "decide", "apply_", "scaled_lr",
+           "HOST_PATH_WARNING"]
 
 _FUSED_CLASSES = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 
@@ -38,11 +40,14 @@ class StepDecision(NamedTuple):
 
     ``run_inner``: False when the host path decided to skip it; ``found_inf``: the 0-d float32 device flag handed to
     a fused optimizer (1.0 = skip on the device; None: none is handed); ``grad_scale``: the scale handed with it (a
-    GradScaler's, or the folded clip coefficient's; None for none)."""
+    GradScaler's, or the folded clip coefficient's; None for none); ``lr_scale``: ``action="scale"``'s factor f of
+    a reuse-pass step (a 0-d float32 device tensor on the sync-free path, a Python float on the host path; None:
+    the learning rates are not touched): every group's step runs with lr :func:`scaled_lr` ``(lr, f)``."""
 
     run_inner: bool
     found_inf: torch.Tensor | None
     grad_scale: torch.Tensor | None
+    lr_scale: torch.Tensor | float | None = None
 
 
 def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -74,32 +79,58 @@ def decide(
     reuse_index: int,
     optimizer: torch.optim.Optimizer,
     grad_scale: torch.Tensor | None,
+    lr_scale: torch.Tensor | None = None,
 ) -> StepDecision:
     """The decision for the inner step.
 
     ``on_device``: this step takes the ``found_inf`` path (the plan's path, and fused SGD primed); ``skip``: the
     gate's 0-d skip flag, None when the gate never skips (``action="watch"``); ``external``: the caller's own skip
     (a GradScaler's ``found_inf``) on the gate's device as float32 in [0, 1], ``scaler_inf`` the same as handed in;
-    ``grad_scale``: the scale for the inner step. The host path reads ``skip`` once, on reuse passes only."""
+    ``grad_scale``: the scale for the inner step; ``lr_scale``: the gate's 0-d learning-rate factor
+    (``action="scale"``; used on reuse passes only: a first pass is never scaled). The host path reads ``skip``
+    (and ``lr_scale``, in the same copy) once, on reuse passes only."""
+    lr_scale = lr_scale if reuse_index > 1 else None
     if on_device:
         if skip is None:
-            return StepDecision(True, external, grad_scale)
-        return StepDecision(True, skip if external is None else torch.maximum(skip, external), grad_scale)
+            return StepDecision(True, external, grad_scale, lr_scale)
+        return StepDecision(True, skip if external is None else torch.maximum(skip, external), grad_scale, lr_scale)
     run_inner = True
     if skip is not None and reuse_index > 1:  # on k == 1 the gate cannot trip: no sync needed
-        run_inner = not bool(skip)  # the one host sync of the host path
+        if lr_scale is None:
+            run_inner = not bool(skip)  # the one host sync of the host path
+        else:  # the same one sync, for both
+            flag, lr_scale = torch.stack([skip, lr_scale.to(skip.dtype)]).tolist()
+            run_inner = not flag
     if scaler_inf is not None and not supports_found_inf(optimizer):
         scaler_inf = None  # this optimizer cannot take it: dropping the step is the caller's (as GradScaler does)
     if run_inner and scaler_inf is not None and fused_sgd_unprimed(optimizer):
         # torch's fused SGD would allocate its momentum uninitialised on a step the scaler drops: decide that drop
         # on the host too, once, until every buffer exists.
         run_inner = not bool(scaler_inf)
-    return StepDecision(run_inner, scaler_inf, grad_scale)
+    return StepDecision(run_inner, scaler_inf, grad_scale, lr_scale)
+
+
+def scaled_lr(lr: float | torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor | float:
+    """The learning rate of a step scaled by ``factor`` (``action="scale"``): ``v = float32(lr * factor)``, the
+    product taken in float64 and rounded once to float32.
+
+    A 0-d float32 ``factor`` tensor gives a 0-d float32 tensor on its device (no host sync: what torch's fused Adam /
+    AdamW / SGD / Adagrad take as a Tensor lr); a Python float ``factor`` (the host path) gives ``float(v)``, the
+    same value. Either way the inner step is bit-identical to that optimizer stepped with the Python float lr
+    ``float(v)`` (docs/rule.md: the fused kernels read a float32 tensor lr as that value)."""
+    if isinstance(factor, torch.Tensor):
+        base = lr.detach().to(factor.device, torch.float64) if isinstance(lr, torch.Tensor) else lr
+        return (factor.to(torch.float64) * base).to(torch.float32)
+    if isinstance(lr, torch.Tensor):  # keep the group's type: the same value in the lr tensor's dtype and device
+        return torch.full_like(lr, scaled_lr(float(lr), factor))
+    return struct.unpack("f", struct.pack("f", lr * factor))[0]  # float64 product, rounded to nearest float32
 
 
 def apply_(optimizer: torch.optim.Optimizer, decision: StepDecision) -> None:
     """Run ``optimizer.step()`` under ``decision`` (nothing when ``run_inner`` is False): its ``found_inf`` and
     ``grad_scale`` are set as attributes for the call (torch's fused optimizers read them) and removed after.
+    With ``lr_scale`` every group's ``"lr"`` is replaced by :func:`scaled_lr` for the call and the very object that
+    was there (a float, or the tensor an LR scheduler or the user put there) is put back right after.
 
     A fused step handed a ``grad_scale`` writes the gradient it used back into ``.grad`` without bumping its
     version counter; the counters are bumped here, so that a measurement taken during backward (``energy_hook``, of
@@ -107,13 +138,20 @@ def apply_(optimizer: torch.optim.Optimizer, decision: StepDecision) -> None:
     if not decision.run_inner:
         return
     saved = {k: optimizer.__dict__[k] for k in ("found_inf", "grad_scale") if k in optimizer.__dict__}
+    lrs = [g["lr"] for g in optimizer.param_groups] if decision.lr_scale is not None else None
     if decision.found_inf is not None:
         optimizer.found_inf = decision.found_inf
     if decision.grad_scale is not None:
         optimizer.grad_scale = decision.grad_scale
     try:
+        if lrs is not None:
+            for g, lr in zip(optimizer.param_groups, lrs):
+                g["lr"] = scaled_lr(lr, decision.lr_scale)
         optimizer.step()
     finally:
+        if lrs is not None:
+            for g, lr in zip(optimizer.param_groups, lrs):
+                g["lr"] = lr
         for k in ("found_inf", "grad_scale"):
             optimizer.__dict__.pop(k, None)
         optimizer.__dict__.update(saved)

@@ -7,7 +7,8 @@ entry and the per-step metrics; then compare two dumps bit for bit.
     python tests/bit_identity.py compare old.pt new.pt
 
 Not collected by pytest (a tool, not a test): the dump of one tree is compared with the dump of another on the same
-machine and torch.
+machine and torch. Every tensor of the old dump must be in the new one, bit for bit; tensors only the new dump has
+(gate state added since, e.g. ``gate/scale``) are listed, not compared.
 """
 
 from __future__ import annotations
@@ -140,17 +141,20 @@ def _same(a, b):
 def compare(pa, pb):
     a, b = torch.load(pa), torch.load(pb)
     assert a.keys() == b.keys(), set(a) ^ set(b)
-    bad, tensors = [], 0
+    bad, tensors, added = [], 0, set()
     for name in a:
         ta, tb = a[name], b[name]
-        if ta.keys() != tb.keys():
-            bad.append(f"{name}: keys {set(ta) ^ set(tb)}")
+        if set(ta) - set(tb):
+            bad.append(f"{name}: missing {sorted(set(ta) - set(tb))}")
             continue
+        added |= set(tb) - set(ta)
         for key in ta:
             tensors += 1
             if not _same(ta[key], tb[key]):
                 bad.append(f"{name}: {key}")
     print(f"{len(a)} runs, {tensors} tensors compared bit for bit: {len(bad)} differ")
+    if added:
+        print(f"   only in {pb} (new, not compared): {sorted(added)}")
     for line in bad[:40]:
         print("  ", line)
     return not bad

@@ -162,6 +162,60 @@ def _scenario(rank: int, stage: int, ckpt_dir: str) -> dict:
     return out
 
 
+# The scale action on the lm_head energy decay (the gate computes it from the ZeRO partitions' energy): on reuse
+# passes the loss is halved (energy x 1/4), so the decay (~0.25) is below the threshold 1 and scales the lr by it.
+DECAY_SCALE = GateConfig(energy=False, drift="energy_decay", drift_threshold=1.0, action="scale", max_reuse=K)
+
+
+def _build_plain(stage: int):
+    import deepspeed
+
+    model = make_model()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups(model), lr=1e-2, fused=True),
+                                      config=ds_config(stage))
+    return model, engine
+
+
+def _scale_scenario(rank: int, stage: int) -> dict:
+    """A DeepSpeed scale gate on energy_decay vs a plain DeepSpeed engine whose client lr is set by hand to
+    float(float32(lr * f)) on reuse passes (f: the gate's reported factor): bit-identical fp32 master weights."""
+    import deepspeed
+    import numpy as np
+
+    from dgg_fused.integrations.deepspeed import DeepSpeedGatedOptimizer
+
+    model = make_model()
+    opt = DeepSpeedGatedOptimizer(torch.optim.AdamW(groups(model), lr=1e-2, fused=True), lm_head=model.lm_head,
+                                  config=DECAY_SCALE)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+    opt.attach(engine)
+    ref_model, ref = _build_plain(stage)
+    rows = []
+    for step in range(3):
+        k = step + 1
+        w = 0.5 if k > 1 else 1.0
+        opt.set_reuse_index(k)
+        for micro in range(ACCUM):
+            ids, tgt = data(step, micro, rank)
+            engine.backward(loss_of(engine(ids), tgt, -1) * w)
+            engine.step()
+        m = opt.get_metrics()
+        for micro in range(ACCUM):
+            ids, tgt = data(step, micro, rank)
+            ref.backward(loss_of(ref(ids), tgt, -1) * w)
+            if micro == ACCUM - 1 and k > 1:  # the client's lr, by hand, for this engine step
+                for g in ref.optimizer.param_groups:
+                    g["lr"] = float(np.float32(1e-2 * m["scale"]))
+            ref.step()
+        for g in ref.optimizer.param_groups:
+            g["lr"] = 1e-2
+        a, b = _full_state(model), _full_state(ref_model)
+        rows.append({"k": k, "energy": m["energy"], "decay": m["drift"], "scale": m["scale"],
+                     "lr_after": [g["lr"] for g in engine.optimizer.param_groups],
+                     "same": all(torch.equal(a[n], b[n]) for n in a)})
+    return {"rows": rows}
+
+
 def _no_shm_ops() -> None:
     """DeepSpeed's CPU shared-memory all-reduce is a C++ op built at first use (~70 s here); gloo does the job."""
     import deepspeed.ops
@@ -182,6 +236,10 @@ def _worker(rank: int, outdir: str) -> dict:
             results[stage] = _scenario(rank, stage, os.path.join(outdir, "ckpt"))
         except Exception:  # noqa: BLE001 - reported by the test of that stage
             results[stage] = {"error": traceback.format_exc()}
+        try:
+            results[("scale", stage)] = _scale_scenario(rank, stage)
+        except Exception:  # noqa: BLE001 - reported by the test of that stage
+            results[("scale", stage)] = {"error": traceback.format_exc()}
     return results
 
 
@@ -236,6 +294,25 @@ def test_checkpoint_keeps_gate_state(results, stage):
             assert torch.equal(loaded["gate"][name], t), name
         assert bool(loaded["gate"]["stopped"])  # the stopped batch came back
         assert set(res["inner_steps_loaded"]) == {2.0}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_scale_on_energy_decay_is_exact_under_zero(results, stage):
+    """The DeepSpeed mode carries drift="energy_decay" (the energy from the ZeRO partitions) and action="scale":
+    every client call of a reuse-pass engine step runs with the scaled lr, which is put back after it."""
+    import numpy as np
+
+    ranks = _ok(results, ("scale", stage))
+    assert ranks[0]["rows"] == ranks[1]["rows"]
+    rows = ranks[0]["rows"]
+    e1 = rows[0]["energy"]
+    assert rows[0]["decay"] == 1.0 and rows[0]["scale"] == 1.0
+    for r in rows[1:]:
+        assert r["decay"] == float(np.float32(r["energy"] / e1))  # one first-pass step: its energy is the mean
+        assert r["scale"] == r["decay"] and 0.05 < r["scale"] < 0.9, r
+    for r in rows:
+        assert r["same"], (stage, r)
+        assert r["lr_after"] == [1e-2, 1e-2]
 
 
 # ---------------------------------------------------------------- TRL GRPO through accelerate, ZeRO-2, 2 ranks

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -18,14 +19,20 @@ from helpers import assert_bit_identical, batch, loss_fn, make_model, record_syn
 
 # ---------------------------------------------------------------- drift_stats
 def _stats_ref(new, old, mask, eps):
+    """float64 numpy reference of every statistic of drift_stats, straight from the definitions (the ESS with the
+    largest log ratio subtracted, as the only float64 form that survives log ratios of +-1000)."""
     new, old = np.asarray(new, np.float64), np.asarray(old, np.float64)
     m = np.ones_like(new, bool) if mask is None else np.asarray(mask) != 0
     lr = (new - old)[m]
     if lr.size == 0:
-        return {"approx_kl": 0.0, "clip_frac": 0.0, "ratio_max": 0.0}
-    r = np.exp(lr)
+        return {"approx_kl": 0.0, "clip_frac": 0.0, "ratio_max": 0.0, "ess": 1.0, "log_ratio_m2": 0.0, "tv": 0.0}
+    with np.errstate(over="ignore"):  # exp(1000) is inf in float64 too: only the ESS needs to survive it
+        r = np.exp(lr)
+        tv = float(0.5 * np.mean(np.abs(np.expm1(lr))))
+    w = np.exp(lr - lr.max())
     return {"approx_kl": float(np.mean((r - 1) - lr)), "clip_frac": float(np.mean(np.abs(r - 1) > eps)),
-            "ratio_max": float(np.max(np.abs(lr)))}
+            "ratio_max": float(np.max(np.abs(lr))), "ess": float(w.sum() ** 2 / (lr.size * np.sum(w * w))),
+            "log_ratio_m2": float(np.mean(lr * lr)), "tv": tv}
 
 
 @pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 5, 4), (0,), (1, 0)])
@@ -45,6 +52,87 @@ def test_drift_stats_matches_float64_reference(shape, dtype, masked):
         assert math.isclose(v.item(), ref[k], rel_tol=1e-5, abs_tol=1e-6), (k, v.item(), ref[k])
 
 
+#: Tolerance of ess / log_ratio_m2 / tv against the float64 reference of the inputs *as given*, per input dtype:
+#: ``|got - ref| <= atol + rtol |ref|``. Everything is computed in float32 from the log-probabilities rounded to
+#: float32, which is exact for bfloat16 / float16 / float32 inputs: what is left is float32 arithmetic (measured
+#: worst 5e-7 relative over the shapes and drifts below, 1M tokens included). float64 inputs lose their low bits in
+#: that rounding: |logp| <= 8 moves each log ratio by up to ~1e-6, i.e. up to ~1e-3 of the second moment of a 1e-3
+#: drift (measured 8e-4).
+SIGNAL_TOL = {torch.float32: (4e-6, 1e-12), torch.bfloat16: (4e-6, 1e-12), torch.float16: (4e-6, 1e-12),
+              torch.float64: (3e-3, 1e-9)}
+SIGNAL_SHAPES = {"one": (1,), "odd": (3, 7), "prime": (257,), "2d-odd": (64, 999), "large": (1 << 20,),
+                 "empty": (0,), "empty-2d": (2, 0)}
+
+
+SIGNAL_CASES = [  # every dtype x shape x drift x mask; the 1M-token shape with a random mask only
+    pytest.param(dt, shape, drift, mk, id=f"{str(dt)[6:]}-{name}-{drift}-{mk}")
+    for dt in SIGNAL_TOL for name, shape in SIGNAL_SHAPES.items() for drift in (1e-3, 1.0)
+    for mk in ("none", "random", "empty") if name != "large" or mk == "random"
+]
+
+
+@pytest.mark.parametrize("dtype,shape,drift,mask_kind", SIGNAL_CASES)
+def test_new_signals_match_float64_reference(dtype, shape, drift, mask_kind):
+    """ess, log_ratio_m2, tv against float64 from the definitions: per-dtype tolerances (SIGNAL_TOL), odd / one-token /
+    empty / 1M-token shapes, an empty mask (ess = 1, the others 0), drifts from near on-policy to large."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, drift, mask_kind)).encode()))
+    old = -torch.rand(shape, generator=g, dtype=torch.float64) * 8
+    new = old + torch.randn(shape, generator=g, dtype=torch.float64) * drift
+    mask = {"none": None, "random": torch.rand(shape, generator=g) > 0.3, "empty": torch.zeros(shape, dtype=torch.bool)}[mask_kind]
+    new_t, old_t = new.to(dtype), old.to(dtype)
+    got = drift_stats(new_t, old_t, mask)
+    ref = _stats_ref(new_t.double(), old_t.double(), mask, 0.2)
+    rtol, atol = SIGNAL_TOL[dtype]
+    for k in ("ess", "log_ratio_m2", "tv"):
+        v = got[k]
+        assert v.shape == () and v.dtype == torch.float32
+        assert abs(v.item() - ref[k]) <= atol + rtol * abs(ref[k]), (k, v.item(), ref[k], abs(v.item() - ref[k]))
+    assert 0.0 < got["ess"].item() <= 1.0
+    if mask_kind == "empty" or 0 in shape:
+        assert (got["ess"].item(), got["log_ratio_m2"].item(), got["tv"].item()) == (1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("big", [80.0, 1000.0])
+def test_ess_is_stable_for_huge_log_ratios(big):
+    """exp(+-80) is 5.5e34 / 1.8e-35: the plain (sum r)^2 / (n sum r^2) overflows to inf / inf = NaN in float32 (the
+    squares exceed 3.4e38); with the largest log ratio subtracted the ESS is exact. +-1000 overflows exp itself."""
+    new = torch.tensor([big, -big, 0.0, big - 1.0, 3.0])
+    old = torch.zeros(5)
+    got = drift_stats(new, old)["ess"].item()
+    ref = _stats_ref(new.double(), old.double(), None, 0.2)["ess"]
+    assert math.isclose(got, ref, rel_tol=4e-6), (got, ref)
+    r = new.exp()
+    assert not math.isfinite((r.sum() ** 2 / (5 * (r * r).sum())).item())  # what the unshifted form gives
+    only_neg = drift_stats(torch.tensor([-big, -big - 1.0]), torch.zeros(2))["ess"].item()  # underflow of exp(l)
+    assert math.isclose(only_neg, _stats_ref([-big, -big - 1.0], [0.0, 0.0], None, 0.2)["ess"], rel_tol=4e-6)
+    assert drift_stats(torch.full((7,), big), torch.zeros(7))["ess"].item() == 1.0  # a common shift is no drift
+
+
+def test_nonfinite_log_ratios_make_the_signals_nonfinite():
+    s = drift_stats(torch.tensor([float("nan"), -1.0]), torch.tensor([-1.0, -1.0]))
+    assert all(math.isnan(s[k].item()) for k in ("ess", "log_ratio_m2", "tv"))
+    s = drift_stats(torch.tensor([float("-inf"), float("-inf")]), torch.tensor([-1.0, -1.0]))  # no weight left
+    assert math.isnan(s["ess"].item()) and math.isinf(s["log_ratio_m2"].item())
+
+
+def test_signals_agree_with_the_demo_grpo_loss():
+    """The demo's GRPO loss (dgg_fused/demo/grpo.py ``ppo_clip_loss``) computes ess / log_ratio_m2 / tv itself, with
+    the plain formulas; the library's agree to float32 rounding: relative 4e-6, and for tv (the demo's r - 1 rounds
+    near r = 1, the library's expm1 does not) an absolute 2^-23, one float32 ulp of r = 1."""
+    from dgg_fused.demo.grpo import ppo_clip_loss
+
+    for seed, drift in [(0, 1e-3), (1, 0.05), (2, 0.5), (3, 1.5)]:
+        g = torch.Generator().manual_seed(seed)
+        old = -torch.rand(16, 33, generator=g) * 6
+        new = old + torch.randn(16, 33, generator=g) * drift
+        mask = (torch.rand(16, 33, generator=g) > 0.25).float()
+        _, demo = ppo_clip_loss(new, old, torch.randn(16, generator=g), mask)
+        lib = drift_stats(new, old, mask)
+        for k, atol in (("ess", 0.0), ("log_ratio_m2", 0.0), ("tv", 2.0**-23)):
+            a, b = lib[k].item(), demo[k].item()
+            assert abs(a - b) <= atol + 4e-6 * abs(b), (seed, k, a, b)
+
+
 def test_drift_stats_hand_case_and_padding():
     # two real tokens with log-ratios +0.5 and -0.1, one padding token with -inf log-probs (masked out)
     new = torch.tensor([-1.0, -2.1, float("-inf")])
@@ -54,7 +142,12 @@ def test_drift_stats_hand_case_and_padding():
     assert math.isclose(s["approx_kl"].item(), kl, rel_tol=1e-6)
     assert s["clip_frac"].item() == 0.5  # only the +0.5 token is outside [0.8, 1.2]
     assert math.isclose(s["ratio_max"].item(), 0.5, rel_tol=1e-6)
-    assert drift_stats(new[:2], new[:2])["approx_kl"].item() == 0.0  # on-policy: exactly zero
+    w = (math.exp(0.5), math.exp(-0.1))
+    assert math.isclose(s["ess"].item(), sum(w) ** 2 / (2 * (w[0] ** 2 + w[1] ** 2)), rel_tol=1e-6)
+    assert math.isclose(s["log_ratio_m2"].item(), (0.25 + 0.01) / 2, rel_tol=1e-6)
+    assert math.isclose(s["tv"].item(), 0.5 * ((w[0] - 1) + (1 - w[1])) / 2, rel_tol=1e-6)
+    on = drift_stats(new[:2], new[:2])
+    assert on["approx_kl"].item() == 0.0 and on["ess"].item() == 1.0 and on["tv"].item() == 0.0  # on-policy: exact
 
 
 def test_drift_stats_bad_input():

@@ -136,3 +136,20 @@ def test_reference_rule_under_watch_leaves_skip_and_stopped_clear():
     assert st.counters.tolist() == [4, 0, 2]
     with pytest.raises(ValueError, match="runs 'reference'"):
         gate_step_(st, torch.tensor(1.0), cfg, impl="cpp")
+
+
+def test_watch_checkpoint_with_fired_rule_round_trips():
+    """Regression: a watch gate counts the steps on which the rule fired in ``stopped_batches`` without dropping
+    them (``gated_steps`` stays 0); its checkpoint was refused by the skip rule's counter invariant
+    (``stopped_batches <= gated_steps``). It loads now, and the invariant still guards a skip gate's checkpoint."""
+    model, opt, seen = _run("adamw_fused", WATCH)
+    m = seen[-1]
+    assert m["stopped_batches"] > 0 and m["gated_steps"] == 0
+    sd = opt.state_dict()
+    fresh = GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=model.lm_head, config=WATCH)
+    fresh.load_state_dict(sd)
+    assert fresh.get_metrics()["stopped_batches"] == m["stopped_batches"]
+    skip = GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=model.lm_head, config=SKIP)
+    with pytest.warns(UserWarning, match="keeping the current"), \
+            pytest.raises(ValueError, match="stopped_batches <= gated_steps"):  # not a state a skip gate can be in
+        skip.load_state_dict(sd)

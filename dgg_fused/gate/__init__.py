@@ -42,7 +42,7 @@ def impl_for(impl: str, config: GateConfig, device: torch.device | str) -> str:
     if config.reference_only:  # (a fused twin's name is the name of the backend it goes with)
         if impl not in ("auto", "torch"):
             raise ValueError(f"gate impl={impl!r} implements the energy rule with action='skip'; this gate "
-                             "(a drift statistic or action='watch') runs 'reference'")
+                             "(a drift statistic, or an action other than 'skip') runs 'reference'")
         return "reference"
     return _IMPL_OF_BACKEND[resolve_backend(impl, device)]
 
@@ -71,22 +71,26 @@ def gate_step_(
     * Finite observations enter the window as ``config.reference`` says.
     * ``external_skip`` (0-d, > 0 means set): a step the caller drops anyway (a GradScaler overflow). The gate
       ignores it like a step on a stopped batch: no trip, no window update, only ``steps`` is counted.
-    * Drift (``config.drift`` set): ``drift`` (0-d) is the watched policy-drift statistic of this step. Its rule
-      (``config.drift_rule``) is ``drift > drift_threshold`` or ``Z(drift) > tau`` against its own window (full),
-      a non-finite value counting as exceeded; it combines with the energy rule by ``config.combine`` (``"any"``:
+    * Drift (``config.drift`` set): ``drift`` (0-d) is the watched policy-drift statistic of this step (for
+      ``"energy_decay"`` none is given: the gate divides ``energy`` by the mean of the batch's first-pass
+      energies). Its rule (``config.drift_rule``) is ``drift > drift_threshold`` or ``Z(drift) > tau`` against its
+      own window (full) -- ``< drift_threshold`` / ``Z < -tau`` when ``config.trip_direction`` is ``"below"`` --, a
+      non-finite value counting as beyond; it combines with the energy rule by ``config.combine`` (``"any"``:
       either trips; ``"all"``: both must). Trips, stops and windows then follow the same rules as above.
-      ``config.energy=False``: only the drift rule; ``energy`` may be None.
+      ``config.energy=False``: only the drift rule; ``energy`` may be None unless the statistic is the decay.
     * ``config.action="watch"``: the same rule, recorded (``gated`` = it fired) but never acted on: the skip flag
       stays 0, no batch stops, and every observed step counts as applied.
+    * ``config.action="scale"``: a trip on a reuse pass sets the learning-rate factor ``state.scale`` (docs/rule.md)
+      instead of dropping the step; a non-finite statistic drops it (skip flag 1); no batch stops.
 
     ``impl``: see :func:`impl_for` (the optimizer passes the name its plan resolved at construction). Every
     implementation computes the same rule (to rounding of the window sums). Under ``torch.compile`` the reference
     runs (Inductor fuses its ops; no graph break, no opaque op).
     """
-    if config.uses_drift and drift is None:
+    if config.takes_drift and drift is None:
         raise ValueError(f"gate_step_: GateConfig.drift={config.drift!r} needs this step's drift value (drift=...)")
-    if config.energy and energy is None:
-        raise ValueError("gate_step_: the energy rule needs this step's lm_head energy")
+    if config.reads_energy and energy is None:
+        raise ValueError("gate_step_: the energy rule (or drift='energy_decay') needs this step's lm_head energy")
     if impl != "reference" and not torch.compiler.is_compiling():
         impl = impl_for(impl, config, state.device)
     if impl == "reference" or torch.compiler.is_compiling():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import GateConfig, Reference, Statistic
+from ..config import Action, GateConfig, Reference, Statistic
 from .state import GateState
 
 __all__ = ["zscore", "energy_from", "update_reference_"]
@@ -68,9 +68,11 @@ def update_reference_(
     drift: torch.Tensor | None = None,
 ) -> None:
     """The rule of ``docs/rule.md`` on ``state`` (in place); see :func:`dgg_fused.gate.gate_step_`. ``energy`` may
-    be None only without the energy rule (``config.energy=False``); ``drift`` is needed when ``config.uses_drift``.
-    With ``config.action="watch"`` a trip is recorded (``last``'s gated flag, the trips counter) but the step is not
-    skipped and the batch does not stop."""
+    be None only when the gate reads none (``config.reads_energy`` false); ``drift`` is needed when
+    ``config.takes_drift`` (``"energy_decay"`` is computed here from ``energy``). With ``config.action="watch"`` a
+    trip is recorded (``last``'s gated flag, the trips counter) but the step is not skipped and the batch does not
+    stop; with ``"scale"`` the learning-rate factor goes to ``state.scale`` and only a non-finite statistic drops
+    the step (no batch stops)."""
     dev = state.device
     if energy is None:
         e = torch.full((), float("nan"), dtype=torch.float32, device=dev)
@@ -106,15 +108,21 @@ def update_reference_(
     else:
         z = torch.full((), float("nan"), dtype=torch.float32, device=e.device)
     if config.uses_drift:
-        d = drift.detach().reshape(())
-        d = (d if d.device == dev else d.to(dev)).to(torch.float32)
+        if config.takes_drift:
+            d = drift.detach().reshape(())
+            d = (d if d.device == dev else d.to(dev)).to(torch.float32)
+        else:  # energy_decay: this step's energy over the mean of the batch's first-pass energies (this one included)
+            d = _energy_decay_(state, e, observed & (k == 1))
         d_finite = torch.isfinite(d)
+        below = config.trip_direction == "below"
         if config.drift_rule == "threshold":
             d_stat = d
-            d_cond = ~d_finite | (d > config.drift_threshold)
+            beyond = (d < config.drift_threshold) if below else (d > config.drift_threshold)
+            d_cond = ~d_finite | beyond
         else:
-            d_stat = torch.where(d_finite, zscore(state.drift_window, state.drift_filled, d, config.std_floor), inf)
-            d_cond = (state.drift_filled >= w) & (d_stat > config.tau)
+            z_d = zscore(state.drift_window, state.drift_filled, d, config.std_floor)
+            d_stat = torch.where(d_finite, z_d, -inf if below else inf)
+            d_cond = (state.drift_filled >= w) & ((d_stat < -config.tau) if below else (d_stat > config.tau))
         if not config.energy:
             cond = d_cond
         elif config.combine == "any":
@@ -124,10 +132,14 @@ def update_reference_(
 
     active = (k > 1) & observed
     trip = active & cond
-    if config.action == "skip":
+    action = config.action_code
+    if action == Action.SKIP:
         skipped = stopped_before | trip
-    else:  # watch: the trip is recorded, nothing is dropped and no batch stops
+    elif action == Action.WATCH:  # the trip is recorded, nothing is dropped and no batch stops
         skipped = torch.zeros_like(trip)
+    else:  # SCALE: the trip scales the step's learning rate; only a non-finite statistic drops it; no batch stops
+        skipped = active & ~d_finite
+        state.scale.copy_(_lr_factor(d, config, trip, skipped))
 
     ref = config.reference_code
     if ref == Reference.FIRST_PASS:
@@ -149,8 +161,29 @@ def update_reference_(
             _push_(state.drift_window, d, enter_d)
             state.drift_filled.add_(enter_d.to(torch.int64)).clamp_(max=w)
         state.drift_last.copy_(torch.stack([d, d_stat]))
-    state.stopped.copy_(skipped)
+    state.stopped.copy_(skipped if action == Action.SKIP else torch.zeros_like(skipped))
     state.counters.add_(torch.stack([torch.ones_like(trip), skipped, trip]).to(torch.int64))
     skip = skipped.to(torch.float32)
     state.last.copy_(torch.stack([e, z, trip.to(torch.float32), skip]))
     state.skip.copy_(skip)
+
+
+def _energy_decay_(state: GateState, e: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Add a finite first-pass energy ``e`` (where ``first``) to the batch's first-pass sum, then return
+    ``e / (sum / count)`` as float32 (sum, mean and ratio in float64, rounded once). NaN while the batch has no
+    first-pass energy (0 / 0), and IEEE's inf / NaN for a zero mean or a non-finite ``e``."""
+    enter = first & torch.isfinite(e)
+    state.first_pass_energy.add_(torch.where(enter, e.to(torch.float64), torch.zeros_like(state.first_pass_energy)))
+    state.first_pass_count.add_(enter.to(torch.int64))
+    mean = state.first_pass_energy / state.first_pass_count.to(torch.float64)
+    return (e.to(torch.float64) / mean).to(torch.float32)
+
+
+def _lr_factor(d: torch.Tensor, config: GateConfig, trip: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """``action="scale"``'s learning-rate factor (float32): where the rule tripped, ``d / t`` clamped to [0, 1] for a
+    "below" statistic, ``t / d`` (< 1, as d > t) for an "above" one, t = ``drift_threshold``; 1 where it did not
+    trip (first passes included); 0 where the step is dropped (a non-finite d)."""
+    t = config.drift_threshold
+    f = (d / t).clamp(0.0, 1.0) if config.trip_direction == "below" else (t / d).clamp(0.0, 1.0)
+    f = torch.where(trip, f, torch.ones_like(f))
+    return torch.where(dropped, torch.zeros_like(f), f)

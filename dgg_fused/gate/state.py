@@ -34,6 +34,12 @@ class GateState:
         drift_filled: ``()`` int64, number of valid entries of ``drift_window``.
         drift_last: ``(2,)`` float32 metrics of the last step's drift rule: value, statistic (the value itself
             for ``"threshold"``, its Z-score for ``"zscore"``); 0 until a drift statistic is observed.
+        first_pass_energy: ``()`` float64, the sum of the current rollout batch's finite first-pass (k = 1) lm_head
+            energies (``drift="energy_decay"`` only; 0 otherwise).
+        first_pass_count: ``()`` int64, how many energies that sum holds. Both restart at the first
+            :meth:`set_reuse_index` ``(1)`` after a reuse pass (a new batch).
+        scale: ``()`` float32, the learning-rate factor of the last step (``action="scale"`` only: 1 on a first pass
+            or a harmless statistic, in [0, 1) when scaled, 0 when the step was dropped); 1 otherwise.
 
     The fused twins (C++/CUDA, Triton) read and write the energy part (``window`` .. ``skip``); a gate watching a
     drift statistic runs the reference rule.
@@ -50,9 +56,12 @@ class GateState:
     drift_window: torch.Tensor
     drift_filled: torch.Tensor
     drift_last: torch.Tensor
+    first_pass_energy: torch.Tensor
+    first_pass_count: torch.Tensor
+    scale: torch.Tensor
 
     #: Tensors added after the first checkpoint format; a checkpoint without them loads with fresh values.
-    OPTIONAL = ("drift_window", "drift_filled", "drift_last")
+    OPTIONAL = ("drift_window", "drift_filled", "drift_last", "first_pass_energy", "first_pass_count", "scale")
 
     @classmethod
     def create(cls, window: int, device: torch.device | str) -> "GateState":
@@ -69,6 +78,9 @@ class GateState:
             drift_window=torch.zeros(window, dtype=torch.float32, device=dev),
             drift_filled=torch.zeros((), dtype=torch.int64, device=dev),
             drift_last=torch.zeros(2, dtype=torch.float32, device=dev),
+            first_pass_energy=torch.zeros((), dtype=torch.float64, device=dev),
+            first_pass_count=torch.zeros((), dtype=torch.int64, device=dev),
+            scale=torch.ones((), dtype=torch.float32, device=dev),
         )
 
     @property
@@ -83,10 +95,15 @@ class GateState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def set_reuse_index(self, k: int) -> None:
-        """Write the reuse pass k (one tiny device write, no sync); ``k == 1`` starts a new batch (clears stopped)."""
-        self.reuse_index.fill_(k)
+        """Write the reuse pass k (tiny device writes, no sync); ``k == 1`` starts a new batch: clears stopped and,
+        coming from a reuse pass (k > 1), restarts the first-pass energy mean (repeated ``k == 1`` calls within one
+        first pass, e.g. one per micro-step, continue it)."""
         if k == 1:
             self.stopped.fill_(False)
+            new_batch = self.reuse_index > 1
+            self.first_pass_energy.masked_fill_(new_batch, 0.0)
+            self.first_pass_count.masked_fill_(new_batch, 0)
+        self.reuse_index.fill_(k)
 
     def window_filled(self, config: Any) -> torch.Tensor:
         """0-d int64: how many reference observations the window(s) ``config``'s rule needs hold (it can trip only
@@ -106,9 +123,9 @@ class GateState:
         pick = torch.maximum if config.combine == "any" else torch.minimum
         return pick(fills[0], fills[1]).reshape(())
 
-    def metrics(self, drift: bool = False) -> dict[str, torch.Tensor]:
+    def metrics(self, drift: bool = False, scale: bool = False) -> dict[str, torch.Tensor]:
         """The gate's metrics as 0-d device tensors (views of live state); ``drift=True`` adds ``drift`` and
-        ``drift_statistic``."""
+        ``drift_statistic``, ``scale=True`` the learning-rate factor ``scale``."""
         out = {
             "energy": self.last[LAST_ENERGY],
             "statistic": self.last[LAST_STATISTIC],
@@ -122,17 +139,20 @@ class GateState:
         if drift:
             out["drift"] = self.drift_last[0]
             out["drift_statistic"] = self.drift_last[1]
+        if scale:
+            out["scale"] = self.scale
         return out
 
-    def metrics_host(self, drift: bool = False, window_filled: torch.Tensor | None = None) -> dict[str, float | int]:
+    def metrics_host(self, drift: bool = False, window_filled: torch.Tensor | None = None,
+                     scale: bool = False) -> dict[str, float | int]:
         """:meth:`metrics` as Python numbers: one device-to-host copy (a sync). ``window_filled`` (0-d, from
         :meth:`window_filled`) is packed into the same copy and returned under that key."""
         wf = (window_filled if window_filled is not None else torch.zeros((), device=self.device)).reshape(1)
         packed = torch.cat(
             [self.last.double(), self.counters.double(), self.reuse_index.reshape(1).double(), self.drift_last.double(),
-             wf.double()]
+             wf.double(), self.scale.reshape(1).double()]
         )
-        e, s, gated, skipped, steps, gsteps, sbatches, k, d, ds, wfill = packed.cpu().tolist()
+        e, s, gated, skipped, steps, gsteps, sbatches, k, d, ds, wfill, sc = packed.cpu().tolist()
         out = {
             "energy": e,
             "statistic": s,
@@ -148,18 +168,22 @@ class GateState:
             out["drift_statistic"] = ds
         if window_filled is not None:
             out["window_filled"] = int(wfill)
+        if scale:
+            out["scale"] = sc
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of every tensor (a checkpoint must not alias live state)."""
         return {k: v.detach().clone() for k, v in self.tensors().items()}
 
-    def load_state_dict(self, sd: dict[str, Any], *, max_reuse: int | None = None) -> None:
+    def load_state_dict(self, sd: dict[str, Any], *, max_reuse: int | None = None, action: str = "skip") -> None:
         """Copy a :meth:`state_dict` into this state in place (addresses stay stable for CUDA graphs).
 
         Validates every key, shape, dtype and value (``filled`` in [0, W], counters >= 0 and consistent,
         ``reuse_index`` in [1, ``max_reuse``], ``skip`` 0 or 1, ``last`` flags 0 or 1) before writing anything, so a
-        bad checkpoint changes nothing. Reading the values is one host sync: loading is not a training step.
+        bad checkpoint changes nothing. ``action``: the ``GateConfig.action`` of the gate loading it, whose states
+        it must be one of (with ``"skip"`` every trip is a dropped step, so ``stopped_batches <= gated_steps``;
+        under another action the rule fires without dropping). Reading the values is one host sync: loading is not a training step.
         """
         mine = self.tensors()
         if any(k not in sd for k in self.OPTIONAL):  # an older checkpoint: fresh drift state
@@ -176,7 +200,7 @@ class GateState:
                     f"gate state '{k}': expected shape {tuple(dst.shape)} dtype {dst.dtype}, got {got}"
                     " (was the checkpoint written with another GateConfig.window?)"
                 )
-        _check_values({k: sd[k] for k in mine}, self.window_size, max_reuse)
+        _check_values({k: sd[k] for k in mine}, self.window_size, max_reuse, action)
         for k, dst in mine.items():
             dst.copy_(sd[k])
 
@@ -186,7 +210,7 @@ class GateState:
             setattr(self, k, v.to(device))
 
 
-def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None) -> None:
+def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None, action: str) -> None:
     filled = sd["filled"].cpu().tolist()
     if any(not (0 <= f <= w) for f in filled):
         raise ValueError(f"gate state 'filled' must be in [0, {w}], got {filled}")
@@ -195,10 +219,13 @@ def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None) ->
     if not (1 <= k <= hi):
         raise ValueError(f"gate state 'reuse_index' must be in [1, {max_reuse}], got {k}")
     steps, gated, trips = sd["counters"].cpu().tolist()
-    if min(steps, gated, trips) < 0 or gated > steps or trips > gated:
-        raise ValueError(
-            f"gate state 'counters' must satisfy 0 <= stopped_batches <= gated_steps <= steps, got {[steps, gated, trips]}"
-        )
+    if action == "skip":  # every trip drops its step
+        if min(steps, gated, trips) < 0 or gated > steps or trips > gated:
+            raise ValueError(f"gate state 'counters' must satisfy 0 <= stopped_batches <= gated_steps <= steps, got "
+                             f"{[steps, gated, trips]}")
+    elif min(steps, gated, trips) < 0 or gated > steps or trips > steps:  # the rule fires without dropping
+        raise ValueError(f"gate state 'counters' must satisfy 0 <= gated_steps, stopped_batches <= steps (action="
+                         f"{action!r}), got {[steps, gated, trips]}")
     skip = float(sd["skip"].cpu())
     last = sd["last"].cpu().tolist()
     if skip not in (0.0, 1.0) or last[LAST_GATED] not in (0.0, 1.0) or last[LAST_SKIPPED] not in (0.0, 1.0):
@@ -221,3 +248,10 @@ def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None) ->
         raise ValueError(f"gate state 'prev_energy' must be a finite energy >= 0 or NaN (none yet), got {prev}")
     if df and not bool(torch.isfinite(sd["drift_window"][w - df :]).all()):
         raise ValueError(f"gate state 'drift_window' holds non-finite values among its {df} valid entries")
+    fp_sum, fp_n = float(sd["first_pass_energy"].cpu()), int(sd["first_pass_count"].cpu())
+    if fp_n < 0 or not (0.0 <= fp_sum < float("inf")) or (fp_n == 0 and fp_sum != 0.0):
+        raise ValueError(f"gate state: 'first_pass_energy' must be a finite sum >= 0 of 'first_pass_count' >= 0 "
+                         f"energies (0 for none), got {fp_sum} over {fp_n}")
+    sc = float(sd["scale"].cpu())
+    if not (0.0 <= sc <= 1.0):
+        raise ValueError(f"gate state 'scale' (a learning-rate factor) must be in [0, 1], got {sc}")

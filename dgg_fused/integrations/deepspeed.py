@@ -145,7 +145,7 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         return self
 
     def _ds_energy(self, zero: Any) -> torch.Tensor | None:
-        if not self.config.energy:  # a drift-only gate reads no gradient
+        if not self.config.reads_energy:  # a drift-only gate (other than energy_decay) reads no gradient
             return None
         group = getattr(zero, "dp_process_group", None)
         e = zero_lm_head_energy(list(self.lm_head_params), group=group, backend=self.backend)
