@@ -125,6 +125,16 @@ def test_energy_decay_without_a_first_pass_is_nan_and_trips():
     assert st.first_pass_count.item() == 0
 
 
+def test_energy_decay_of_a_zero_gradient_batch_is_one_and_does_not_trip():
+    """A batch whose first pass has zero energy (all advantages 0: zero gradients): a zero-energy reuse step has
+    nothing to decay (exactly 1, no trip; the demo's post-hoc definition leaves such steps out: no evidence either
+    way); a non-zero one over that zero mean is inf, which trips as any non-finite statistic does."""
+    skips, st = _drive(DECAY, [(1, 0.0, None), (1, 0.0, None), (2, 0.0, None)])
+    assert skips == [0, 0, 0] and st.drift_last[0].item() == 1.0
+    skips, st = _drive(DECAY, [(1, 0.0, None), (2, 3.0, None)])
+    assert skips == [0, 1] and st.drift_last[0].item() == float("inf")
+
+
 def test_energy_decay_ignores_external_skips_on_the_first_pass():
     st = GateState.create(DECAY.window, "cpu")
     st.set_reuse_index(1)

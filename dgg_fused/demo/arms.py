@@ -155,14 +155,14 @@ class HostKLStop(Arm):
 
 class _GatedStrategy(Strategy):
     def __init__(self, arm: "Gated", ctx: RunContext) -> None:
-        lm_head = ctx.model.lm_head if arm.gate.energy else None
+        lm_head = ctx.model.lm_head if arm.gate.reads_energy else None
         gate = GatedOptimizer(ctx.inner, lm_head=lm_head, config=arm.gate)
         super().__init__(gate, gate)
         self.config = arm.gate
 
     def before_step(self, k: int, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
                     clip_eps: float) -> None:
-        if self.config.energy:
+        if self.config.reads_energy:  # the energy rule, or a drift statistic computed from the energy
             self.gate.record_energy()  # before clipping, like the paper
         if self.config.drift is not None:
             from .. import drift_stats
@@ -190,10 +190,14 @@ class Gated(Arm):
             parts.append(f"energy Z (window={g.window}, tau={g.tau}, statistic={g.statistic}, "
                          f"reference={g.reference})")
         if g.drift is not None:
-            parts.append(f"{g.drift} > {g.drift_threshold}" if g.drift_rule == "threshold"
-                         else f"{g.drift} Z > tau={g.tau}")
+            below = g.trip_direction == "below"
+            parts.append(f"{g.drift} {'<' if below else '>'} {g.drift_threshold}" if g.drift_rule == "threshold"
+                         else f"{g.drift} Z {'< -' if below else '>'}tau={g.tau}")
         comb = " OR " if g.combine == "any" else " AND "
-        return f"GatedOptimizer K={g.max_reuse}: " + comb.join(parts)
+        act = {"skip": "", "watch": " (watch only)",
+               "scale": f" -> reuse-pass lr x clamp({'d/t' if g.trip_direction == 'below' else 't/d'}, 0, 1), "
+                        "never stops"}[g.action]
+        return f"GatedOptimizer K={g.max_reuse}: " + comb.join(parts) + act
 
     def start(self, ctx: RunContext) -> Strategy:
         return _GatedStrategy(self, ctx)

@@ -171,12 +171,16 @@ def update_reference_(
 def _energy_decay_(state: GateState, e: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     """Add a finite first-pass energy ``e`` (where ``first``) to the batch's first-pass sum, then return
     ``e / (sum / count)`` as float32 (sum, mean and ratio in float64, rounded once). NaN while the batch has no
-    first-pass energy (0 / 0), and IEEE's inf / NaN for a zero mean or a non-finite ``e``."""
+    first-pass energy (count 0) or for a non-finite ``e``, inf for ``e > 0`` over a zero mean (all three trip, as
+    any non-finite statistic does), and exactly 1 for a zero energy over a zero mean: a batch whose gradients are all zero (every group's rewards equal,
+    so every advantage is 0) has nothing to decay, and its steps are no evidence of harm (docs/signals.md)."""
     enter = first & torch.isfinite(e)
     state.first_pass_energy.add_(torch.where(enter, e.to(torch.float64), torch.zeros_like(state.first_pass_energy)))
     state.first_pass_count.add_(enter.to(torch.int64))
     mean = state.first_pass_energy / state.first_pass_count.to(torch.float64)
-    return (e.to(torch.float64) / mean).to(torch.float32)
+    e64 = e.to(torch.float64)
+    ratio = torch.where((e64 == 0) & (mean == 0), torch.ones_like(e64), e64 / mean)
+    return ratio.to(torch.float32)
 
 
 def _lr_factor(d: torch.Tensor, config: GateConfig, trip: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
