@@ -1,16 +1,19 @@
-"""The pretrained policy's plumbing, on a tiny GGUF file the tests write: loading and caching, and the error
-messages."""
+"""The pretrained policy's plumbing, on a tiny GGUF file the tests write: loading and caching, the text a completion
+reads as, the exact set of accepted token sequences, the tasks, and the error messages."""
 
 import importlib.metadata
 import os
+import random
 import sys
 
 import pytest
 import torch
 
 from dgg_fused.demo import lm
+from dgg_fused.demo.lmtasks import LM_TASKS, STOP_TEXT, CopyTask, ProductTask2x1, SumTask, accepted_sequences
+from dgg_fused.demo.tasks import Example
 
-from tiny_gguf import write_tiny_gguf
+from tiny_gguf import TOKENS, write_tiny_gguf
 
 GGUF_SKIP = "the gguf package is not installed (pip install gguf, or the dev extra): GGUF tests skipped"
 
@@ -27,6 +30,10 @@ def tiny(tiny_file, tmp_path_factory):
     conv, cached = lm.prepare_weights(tiny_file, str(tmp_path_factory.mktemp("cache")))
     assert not cached
     return conv, conv.load_model().eval(), conv.load_tokenizer()
+
+
+def _ids(tok, *tokens):
+    return [tok.convert_tokens_to_ids(t) for t in tokens]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,4 +109,107 @@ def test_find_gguf_errors_name_the_pip_command(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="is missing") as e:
         lm.find_gguf()
     assert lm.INSTALL_HINT in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a completion reads as, and which token sequences read as a text
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_text_is_what_the_tokenizer_decodes(tiny):
+    _, model, tok = tiny
+    tb = lm.TokenBytes(tok)
+    assert len(tb) == len(TOKENS) and tb.empty == []
+    assert tb.text(_ids(tok, "1", "2", "Ġ1", "Ċ", "ĊĊ", "<|im_end|>", "Ġ")) == "12 1\n\n\n<|im_end|> "
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ids = torch.randint(0, len(tb), (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        assert tb.text(ids) == tok.decode(ids, clean_up_tokenization_spaces=False), ids
+
+
+def test_sequences_are_every_split_of_the_text_into_tokens(tiny):
+    _, _, tok = tiny
+    tb = lm.TokenBytes(tok)
+    seqs = lambda text, **kw: sorted(tok.convert_ids_to_tokens(s) for s in tb.sequences(text, **kw))  # noqa: E731
+    assert seqs("12") == [["1", "2"], ["12"]]
+    assert seqs(" 12") == [["Ġ", "1", "2"], ["Ġ", "12"], ["Ġ1", "2"]]
+    assert seqs("7") == [["7"]] and seqs("") == [[]]
+    assert seqs("\n\n") == [["Ċ", "Ċ"], ["ĊĊ"]]
+    assert seqs("\n\n", exclude=tuple(_ids(tok, "Ċ"))) == [["ĊĊ"]]  # a sequence holding the stop token ends there
+    assert seqs("x") == []  # no token reads as it
+    assert seqs("<|im_end|>") == [["<|im_end|>"]]  # special tokens read as their text
+    with pytest.raises(ValueError, match="more than 4"):
+        tb.sequences("1212121", limit=4)
+    with pytest.raises(ValueError, match="U\\+FFFD"):
+        tb.sequences("1\ufffd")
+    # every sequence found reads as the text, and a brute force over all sequences of up to 4 tokens finds no other
+    ids = range(len(tb))
+    for text in ("12", " 12", "121", "12\n"):
+        found = {tuple(s) for s in tb.sequences(text)}
+        assert all(tb.text(s) == text for s in found)
+        brute = {(a,) for a in ids if tb.text([a]) == text}
+        brute |= {(a, b) for a in ids for b in ids if tb.text([a, b]) == text}
+        brute |= {(a, b, c) for a in ids for b in ids for c in ids if tb.text([a, b, c]) == text}
+        assert {s for s in found if len(s) <= 3} == brute, text
+
+
+def test_rows_without_a_token_make_the_reward_a_lower_bound(tiny):
+    _, _, tok = tiny
+    padded = lm.TokenBytes(tok, vocab_size=len(tok) + 2)  # a model with two rows past the tokenizer
+    assert padded.empty == [len(tok), len(tok) + 1]
+    rows, exact = accepted_sequences(padded, ["7"], _ids(tok, "Ċ")[0], 3)
+    assert not exact and rows == [_ids(tok, "7", "Ċ")]
+
+
+def test_token_bytes_reads_byte_level_tokenizers_only():
+    from dgg_fused.demo.model import build_tokenizer
+
+    with pytest.raises(ValueError, match="byte-level"):
+        lm.TokenBytes(build_tokenizer(["日本"], 8))  # not spelled in the byte alphabet
+
+
+def test_accepted_sequences_end_with_the_stop_token_and_check_the_budget(tiny):
+    _, _, tok = tiny
+    tb = lm.TokenBytes(tok)
+    stop = _ids(tok, "Ċ")[0]
+    rows, exact = accepted_sequences(tb, ["12", " 12", "12"], stop, 4)
+    assert exact and sorted(tok.convert_ids_to_tokens(r) for r in rows) == sorted(
+        [["1", "2", "Ċ"], ["12", "Ċ"], ["Ġ", "1", "2", "Ċ"], ["Ġ", "12", "Ċ"], ["Ġ1", "2", "Ċ"]])
+    with pytest.raises(ValueError, match="must exceed"):
+        accepted_sequences(tb, [" 12"], stop, 3)  # a 3-token completion without the stop token could read " 12"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tasks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LM_TASKS))
+def test_tasks_accept_exactly_the_answer(name):
+    task = LM_TASKS[name](shots=3, shot_seed=5)
+    lines = task.prefix.split(STOP_TEXT)
+    assert len(lines) == 4 and lines[-1] == ""
+    rng = random.Random(0)
+    for line in lines[:-1]:  # every shot is a question and its answer
+        q = line[: max(line.find("=") + 1, line.find("->") + 2)]
+        assert line == q + task.solve(q)
+    for ex in task.make_prompts(rng, 200):
+        assert STOP_TEXT not in ex.prompt
+        (ans,) = task.answers(ex)
+        assert ans == ex.target and task.verify(ex, ans) == 1.0
+        assert len(ans) < task.max_new_tokens and ans.isdigit()
+        for wrong in (" " + ans, ans + " ", ans + "\n", ans + "0", ans[:-1], "0" + ans, ""):
+            assert task.verify(ex, wrong) == 0.0, (ex, wrong)
+    assert task.make_prompts(random.Random(1), 5) == task.make_prompts(random.Random(1), 5)
+
+
+def test_tasks_by_hand():
+    assert SumTask().solve("7+8=") == "15" and ProductTask2x1().solve("47*6=") == "282"
+    assert CopyTask(length=3).solve("012->") == "012" and LM_TASKS["successor"]().solve("99->") == "100"
+    assert LM_TASKS["times"]().verify(Example("7*8=", "56"), "56") == 1.0
+    t = SumTask(shots=2, shot_seed=0)
+    assert t.prefix == "6+6=12\n0+4=4\n" and t.max_new_tokens == 3
+    assert SumTask(shots=0).prefix == ""
+    with pytest.raises(ValueError):
+        SumTask(shots=-1)
 

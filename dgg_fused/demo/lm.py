@@ -190,3 +190,84 @@ def _convert(src: str, out: str, sha: str, key: str) -> None:
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Completions as text: what the verifier reads, and which token sequences read as a given text
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TokenBytes:
+    """The bytes of every token of a byte-level BPE tokenizer: how a completion is read as text, and which token
+    sequences read as a given text.
+
+    A completion's text is the concatenation of its tokens' bytes decoded as UTF-8 (invalid bytes become U+FFFD),
+    special tokens as their text, no whitespace clean-up: what ``tokenizer.decode(ids,
+    clean_up_tokenization_spaces=False)`` gives (a test checks), computed here so that the verifier's reading and
+    the enumeration of :meth:`sequences` are one definition.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int | None = None) -> None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        unbyte = {c: b for b, c in bytes_to_unicode().items()}
+        n = vocab_size if vocab_size is not None else len(tokenizer)
+        added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+        table: list[bytes] = []
+        for i in range(n):
+            if i in added:
+                table.append(added[i].encode("utf-8"))
+                continue
+            tok = tokenizer.convert_ids_to_tokens(i)
+            if tok is None:  # a model row without a token (vocabulary padding)
+                table.append(b"")
+                continue
+            try:
+                table.append(bytes(unbyte[c] for c in tok))
+            except KeyError:
+                raise ValueError(f"token {i} {tok!r} is not byte-level BPE: TokenBytes reads byte-level tokenizers "
+                                 "only") from None
+        self.table = table
+        #: ids that read as the empty text: a sequence may hold any number of them, so no text has a finite set of
+        #: token sequences (the expected reward is then a lower bound).
+        self.empty = [i for i, b in enumerate(table) if not b]
+        self._by_first: dict[int, list[tuple[int, bytes]]] = {}
+        for i, b in enumerate(table):
+            if b:
+                self._by_first.setdefault(b[0], []).append((i, b))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def text(self, ids) -> str:
+        """The text of a token sequence (see the class doc)."""
+        return b"".join(self.table[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+    def sequences(self, text: str, exclude: tuple[int, ...] = (), limit: int = 256) -> list[list[int]]:
+        """Every token sequence whose :meth:`text` is ``text``, none holding an id in ``exclude`` (the stop token:
+        generation ends there). Raises ``ValueError`` beyond ``limit`` sequences.
+
+        Every sequence, not only the tokenizer's own encoding: a sampler can emit any of them. An ASCII ``text`` is
+        read only from tokens whose bytes are pieces of it, so splitting its bytes into token byte strings finds
+        them all; a non-ASCII text also from tokens holding partial UTF-8 characters, which the byte split finds as
+        well (the bytes decode to ``text`` exactly), while any sequence with invalid bytes reads with U+FFFD, so
+        ``text`` must not contain U+FFFD.
+        """
+        if "\ufffd" in text:
+            raise ValueError("text contains U+FFFD, which a sampled sequence with invalid UTF-8 also reads as")
+        target = text.encode("utf-8")
+        skip = set(exclude)
+        memo: dict[int, list[list[int]]] = {len(target): [[]]}
+
+        def tails(i: int) -> list[list[int]]:
+            if i not in memo:
+                out: list[list[int]] = []
+                for tid, b in self._by_first.get(target[i], ()):
+                    if tid not in skip and target.startswith(b, i):
+                        out.extend([tid] + rest for rest in tails(i + len(b)))
+                        if len(out) > limit:
+                            raise ValueError(f"more than {limit} token sequences read as {text!r}")
+                memo[i] = out
+            return memo[i]
+
+        return tails(0) if target else [[]]
+
