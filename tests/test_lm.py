@@ -1,7 +1,9 @@
 """The pretrained policy's plumbing, on a tiny GGUF file the tests write: loading and caching, the text a completion
-reads as, the exact set of accepted token sequences, the tasks, and the error messages."""
+reads as, the exact set of accepted token sequences, the exact expected reward against brute-force enumeration,
+the prefix-sharing forward and generation against the demo's reference ones, and the error messages."""
 
 import importlib.metadata
+import math
 import os
 import random
 import sys
@@ -10,10 +12,12 @@ import pytest
 import torch
 
 from dgg_fused.demo import lm
-from dgg_fused.demo.lmtasks import LM_TASKS, STOP_TEXT, CopyTask, ProductTask2x1, SumTask, accepted_sequences
+from dgg_fused.demo.grpo import completion_logprobs, encode_prompts, generate
+from dgg_fused.demo.lmtasks import (LM_TASKS, STOP_TEXT, CopyTask, FewShotTask, ProductTask2x1, SumTask,
+                                    accepted_sequences)
 from dgg_fused.demo.tasks import Example
 
-from tiny_gguf import TOKENS, write_tiny_gguf
+from tiny_gguf import CHARS, SPECIALS, TOKENS, write_tiny_gguf
 
 GGUF_SKIP = "the gguf package is not installed (pip install gguf, or the dev extra): GGUF tests skipped"
 
@@ -213,3 +217,122 @@ def test_tasks_by_hand():
     with pytest.raises(ValueError):
         SumTask(shots=-1)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# the exact expected reward, the prefix-sharing forward and the KV-cached generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Tiny(FewShotTask):
+    """``a+b=`` with the answer accepted with or without a leading space: several texts, several sequences."""
+
+    name, max_answer = "tiny", 3
+
+    def draw(self, rng):
+        return f"{rng.randint(0, 9)}+{rng.randint(0, 9)}="
+
+    def solve(self, q):
+        a, b = q.rstrip("=").split("+")
+        return str(int(a) + int(b))
+
+    def answers(self, ex):
+        return [self.solve(ex.prompt), " " + self.solve(ex.prompt)]
+
+    def verify(self, ex, completion):
+        return float(completion in self.answers(ex))
+
+
+def _brute_force(model, ids: list[int], stop: int, T: int, tb, accept) -> tuple[float, float]:
+    """``(accepted, total)`` probability over every completion of up to ``T`` tokens after ``ids`` (stopped at
+    ``stop``), each scored by ``accept(text)`` on the text the rollouts read, in float64."""
+    live, logp0, acc, total = [[]], [0.0], 0.0, 0.0
+    for depth in range(T):
+        ids_ = torch.tensor([ids + s for s in live])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids_).logits[:, -1].double(), -1)
+        nxt, nlogp = [], []
+        for s, base, row in zip(live, logp0, lp):
+            for v in range(row.shape[0]):
+                p = base + float(row[v])
+                if v == stop or depth + 1 == T:  # a finished completion: stopped, or cut at T tokens
+                    text = tb.text(s if v == stop else s + [v])
+                    total += math.exp(p)
+                    acc += math.exp(p) * accept(text)
+                else:
+                    nxt.append(s + [v])
+                    nlogp.append(p)
+        live, logp0 = nxt, nlogp
+    return acc, total
+
+
+def test_expected_reward_equals_brute_force_enumeration(tiny):
+    _, model, tok = tiny
+    model = model.double()
+    tb = lm.TokenBytes(tok)
+    stop = _ids(tok, "Ċ")[0]
+    task = _Tiny(shots=1, shot_seed=3)
+    assert task.max_new_tokens == 4
+    prefix = tok(task.prefix, add_special_tokens=False)["input_ids"]
+    exs = [Example("3+9=", "12"), Example("1+1=", "2")]
+    prompts, rows, owner = [], [], []
+    for i, ex in enumerate(exs):
+        r, exact = accepted_sequences(tb, task.answers(ex), stop, task.max_new_tokens)
+        assert exact
+        rows += r
+        prompts += [ex.prompt] * len(r)
+        owner += [i] * len(r)
+    assert len(rows) == 5 + 2  # "12": 2 sequences, " 12": 3; "2" and " 2": one each
+    p_ids, p_mask = encode_prompts(tok, prompts)
+    width = max(map(len, rows))
+    c_ids, c_mask = torch.full((len(rows), width), 2), torch.zeros(len(rows), width, dtype=torch.float64)
+    for j, r in enumerate(rows):
+        c_ids[j, : len(r)], c_mask[j, : len(r)] = torch.tensor(r), 1.0
+    with torch.no_grad():
+        logp = lm.completion_logprobs(model, torch.tensor([prefix]), p_ids, p_mask, c_ids, c_mask)
+    J = torch.zeros(len(exs), dtype=torch.float64).index_add_(0, torch.tensor(owner), logp.sum(1).exp())
+    for i, ex in enumerate(exs):
+        q = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+        acc, total = _brute_force(model, prefix + q, stop, task.max_new_tokens, tb,
+                                  lambda text: task.verify(ex, text))
+        assert total == pytest.approx(1.0, abs=1e-9)
+        assert acc > 1e-6  # a random tiny model: small, but far from zero
+        assert float(J[i]) == pytest.approx(acc, rel=1e-5), ex  # float32 rotary tables: ~1e-7
+
+
+def test_prefix_sharing_forward_matches_the_full_sequence(tiny):
+    _, model, tok = tiny
+    model = model.double().train()
+    prefix = "3+4=7\n12*2=24\n"
+    prompts, comps = ["5+5=", "7*8=", "1-1="], [["1", "0", "Ċ"], ["5", "6", "Ċ"], ["0", "Ċ", "<|im_end|>"]]
+    p_ids, p_mask = encode_prompts(tok, prompts)
+    f_ids, f_mask = encode_prompts(tok, [prefix + p for p in prompts])
+    c_ids = torch.tensor([_ids(tok, *c) for c in comps])
+    c_mask = torch.tensor([[1.0, 1, 1], [1, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    pre = torch.tensor([tok(prefix, add_special_tokens=False)["input_ids"]])
+    a = lm.completion_logprobs(model, pre, p_ids, p_mask, c_ids, c_mask)
+    (ga,) = torch.autograd.grad(a.sum(), [model.model.embed_tokens.weight])
+    b = completion_logprobs(model, f_ids, f_mask, c_ids, c_mask)
+    (gb,) = torch.autograd.grad(b.sum(), [model.model.embed_tokens.weight])
+    # float64 weights, but the rotary tables are computed in float32 with batch-shape-dependent rounding (~1e-7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    assert a[2, 2] == 0.0  # masked after the stop token
+    # no prefix: the demo's own function
+    torch.testing.assert_close(lm.completion_logprobs(model, None, f_ids, f_mask, c_ids, c_mask), b, rtol=0, atol=0)
+
+
+def test_kv_cached_generation_draws_what_the_reference_draws(tiny):
+    _, model, tok = tiny
+    model = model.double()
+    stop, pad = _ids(tok, "Ċ")[0], tok.pad_token_id
+    prefix = "3+4=7\n"
+    prompts = ["5+5=", "7*8=", "12-1=", "9="] * 4
+    p_ids, p_mask = encode_prompts(tok, prompts)
+    f_ids, f_mask = encode_prompts(tok, [prefix + p for p in prompts])
+    pre = torch.tensor([tok(prefix, add_special_tokens=False)["input_ids"]])
+    for greedy in (False, True):
+        ref = generate(model, f_ids, f_mask, 5, stop, pad, greedy=greedy, generator=torch.Generator().manual_seed(1))
+        got = lm.generate_kv(model, p_ids, p_mask, 5, stop, pad, greedy=greedy, prefix_ids=pre,
+                             generator=torch.Generator().manual_seed(1))
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+        assert got[0].shape == (len(prompts), 5)
