@@ -3,13 +3,14 @@
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from dgg_fused import GateConfig
 from dgg_fused.demo.__main__ import main
-from dgg_fused.demo.arms import FixedReuse, Gated, HostKLStop, parse_arm
+from dgg_fused.demo.arms import FixedReuse, Gated, HostKLStop, OracleStop, parse_arm
 from dgg_fused.demo.model import ModelConfig
 from dgg_fused.demo.report import summarize
 from dgg_fused.demo.run import DemoConfig, RunResult, prepare_task, run_arm
@@ -135,7 +136,7 @@ def test_frozen_policy_never_reaches_the_target(small):
     assert rows["frozen"]["target"] >= rows["frozen"]["j0"] + 0.05
 
 
-@pytest.mark.parametrize("spec", ["k1", "k2", "naive", "kl", "kl:target_kl=1e-12", "dgg",
+@pytest.mark.parametrize("spec", ["k1", "k2", "naive", "oracle", "kl", "kl:target_kl=1e-12", "dgg",
                                   "dgg:tau=1e-6,window=2,statistic=both,reference=all", "klgate",
                                   "klgate:target_kl=1e-12", "dgg-or-kl"])
 def test_arm_accounting(small, spec):
@@ -155,6 +156,8 @@ def test_arm_accounting(small, spec):
     if isinstance(arm, FixedReuse):
         assert passes == [arm.max_reuse] * TINY.iters
         assert c.steps_attempted == c.steps_applied == TINY.iters * arm.max_reuse * mb and c.trips == 0
+    elif isinstance(arm, OracleStop):  # a rolled-back step is undone in AdamW's state too
+        assert c.steps_applied + c.gated_steps == c.steps_attempted and c.gated_steps == c.trips <= TINY.iters
     elif isinstance(arm, HostKLStop):  # the host stop drops the step before backward: nothing gated
         assert c.steps_applied == c.steps_attempted and c.gated_steps == 0
         if arm.target_kl < 1e-9:  # any drift stops: one pass of steps, the second pass stops at its first step
@@ -198,12 +201,27 @@ def test_parse_arm_overrides_and_errors():
             parse_arm(bad, g, 0.02)
 
 
-def test_documented_row_reproduces(tmp_path, capsys):
+#: Callers' environments under which the documented row must come out the same: this machine as it is, and an
+#: emulated other CPU (ATen's scalar kernels, oneMKL's AVX2 branch, oneDNN capped, our portable kernel, 2 threads).
+#: The workers pin their own code paths (dgg_fused.demo.numerics), so none of this may change a number.
+CALLER_ENVS = {
+    "native": {},
+    "emulated-other-cpu": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                           "DGG_FUSED_CPU_ISA": "portable", "OMP_NUM_THREADS": "2"},
+}
+
+
+@pytest.mark.parametrize("caller_env", sorted(CALLER_ENVS))
+def test_documented_row_reproduces(tmp_path, capsys, monkeypatch, caller_env):
     """The command in docs/demo.md's "Reproduce one row" block, run end to end on a fresh (private) cache with the
-    default --jobs, prints exactly the rows documented under it."""
+    default --jobs, prints exactly the rows documented under it, whatever CPU paths the caller's environment asks
+    for."""
     import pathlib
     import re
     import shlex
+
+    for k, v in CALLER_ENVS[caller_env].items():
+        monkeypatch.setenv(k, v)
 
     doc = (pathlib.Path(__file__).parent.parent / "docs" / "demo.md").read_text()
     block = doc.split("<!-- reproduce-row -->", 2)[1]
@@ -214,3 +232,72 @@ def test_documented_row_reproduces(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     for row in rows:
         assert row in printed, row
+
+
+def test_workers_pin_the_numerics_whatever_the_caller_asks(monkeypatch):
+    """Every worker runs in the portable mode, also when the caller's environment asks for other code paths."""
+    from dgg_fused.demo import numerics
+    from dgg_fused.demo.jobs import execute
+
+    for k, v in CALLER_ENVS["emulated-other-cpu"].items():
+        monkeypatch.setenv(k, v)
+    got = dict(execute(_worker_numerics, [0, 1], jobs=2))
+    assert got == {0: (numerics.MODE, "AVX2"), 1: (numerics.MODE, "AVX2")}
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "default"  # the caller's environment is restored
+
+
+def _worker_numerics(_):
+    import torch
+
+    from dgg_fused.demo import numerics
+
+    return numerics.current(), torch.backends.cpu.get_cpu_capability()
+
+
+def test_an_unpinned_process_says_so_and_gets_its_own_cache_key(monkeypatch):
+    from dgg_fused.demo import numerics
+
+    monkeypatch.delenv("DGG_FUSED_CPU_ISA", raising=False)
+    with pytest.raises(RuntimeError, match="portable numerics"):
+        numerics.check()  # this test process runs torch's native paths
+    assert numerics.current().startswith("native:")
+    t = ReversalTask(length=2, alphabet=3)
+    k = cache_key(t, TINY.model, TINY.warm, 0)
+    monkeypatch.setattr(numerics, "current", lambda: numerics.MODE)
+    assert cache_key(t, TINY.model, TINY.warm, 0) != k
+
+
+def test_oracle_prompts_are_disjoint_from_the_heldout_set(small):
+    pt, _ = small
+    held = {ex.prompt for ex in pt.heldout.examples}
+    orc = [ex.prompt for ex in pt.oracle.examples]
+    assert len(orc) == TINY.n_heldout and not held & set(orc)
+
+
+def test_oracle_arm_keeps_exactly_the_steps_that_do_not_lower_the_oracle_j(small, monkeypatch):
+    """The oracle arm's decisions, replayed: a kept reuse step never lowered the oracle set's J; an undone one did,
+    and undoing it restores the weights and AdamW's state bit for bit (the next pass starts from them)."""
+    from dgg_fused.demo import arms
+
+    pt, state = small
+    log = []
+    orig_after = arms._OracleStrategy.after_step
+
+    def after_step(self, k):
+        before = None if k == 1 else self.j_before
+        snap = self.snapshot
+        stop = orig_after(self, k)
+        if k > 1:
+            now_params = {n: t.clone() for n, t in self.ctx.model.state_dict().items()}
+            log.append((before, stop, snap, now_params, self.ctx.judge()))
+        return stop
+
+    monkeypatch.setattr(arms._OracleStrategy, "after_step", after_step)
+    res = run_arm(pt, parse_arm("oracle", TINY.gate, TINY.target_kl), TINY, 0, state)
+    assert log and res.counts.trips == sum(stop for _, stop, *_ in log)
+    for before, stop, snap, params, j_now in log:
+        if stop:  # undone: the weights are the snapshot's, bit for bit, so the oracle J is back where it was
+            assert all(torch.equal(params[n], snap[0][n]) for n in params)
+            assert j_now == before
+        else:  # kept: the oracle J did not fall
+            assert j_now >= before

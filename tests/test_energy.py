@@ -281,21 +281,59 @@ def _fold_run(fold, dtype=torch.float32, scaler=False, max_norm=0.05, steps=5, i
 
 @pytest.mark.parametrize("inner", sorted(FOLD_INNER))
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "scaler"])
-def test_folded_clip_matches_a_float64_reference_as_closely_as_the_multiplying_clip(scaler, inner):
-    """fold_clip: grad_scale = scale / coef instead of grads *= coef; the same step up to rounding (division by
-    1/coef instead of multiplication by coef). Both are held to a float64 run of the same training."""
-    ref, _ = _fold_run(False, torch.float64, inner=inner)
-    folded, muls_f = _fold_run(True, scaler=scaler, inner=inner)
-    mult, muls_m = _fold_run(False, scaler=scaler, inner=inner)
-    # the pass over every gradient is gone (fused SGD's first step runs on the host path: scaled in place there)
+def test_folded_clip_removes_the_pass_over_the_gradients(scaler, inner):
+    """fold_clip: grad_scale = scale / coef instead of grads *= coef: no foreach multiply over the gradients
+    (fused SGD's first step runs on the host path, which scales in place there)."""
+    _, muls_f = _fold_run(True, scaler=scaler, inner=inner)
+    _, muls_m = _fold_run(False, scaler=scaler, inner=inner)
     first = 1 if inner == "sgd_momentum" else 0
     assert muls_f[:first] == [1] * first and all(n == 0 for n in muls_f[first:]), muls_f
     assert all(n >= 1 for n in muls_m)
-    for (n, pf), pm, pr in zip(folded.named_parameters(), mult.parameters(), ref.parameters()):
-        err_f = ((pf.double() - pr) / pr.abs().clamp(min=1e-3)).abs().max().item()
-        err_m = ((pm.double() - pr) / pr.abs().clamp(min=1e-3)).abs().max().item()
-        assert err_f <= 2 * err_m + 1e-6, f"{n}: folded {err_f:.3g} vs multiplying {err_m:.3g}"
-        torch.testing.assert_close(pf, pm, rtol=1e-5, atol=1e-6, msg=lambda msg: f"{n}: {msg}")
+
+
+#: Bound of the clip's error, in float32 epsilons per step, relative to max(|p|, lr) (see the test below). Measured
+#: worst case on these inputs: 1.07 eps/step (AdamW; ATEN_CPU_CAPABILITY=avx2 and avx512), 0.90 (default).
+FOLD_EPS_PER_STEP = 8
+
+
+def _synthetic_fold_run(fold, inner, scaler, dtype=torch.float32, steps=6, max_norm=0.05):
+    """The same parameters and the same gradients for every run (gradients that do not depend on the weights), so
+    the only difference between runs is the clipping arithmetic and the precision, not a chaotic training path."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(37, 19), (19,), (64, 7), (1,)]
+    params = [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    grads = [[(torch.randn(s, generator=g) * (1 + 3 * i)).to(dtype) for s in shapes] for i in range(steps)]
+    opt = GatedOptimizer(FOLD_INNER[inner](params), lm_head=params[:1], max_grad_norm=max_norm, fold_clip=fold)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000) if scaler else None
+    if sc is not None:
+        sc.scale(torch.ones((), dtype=dtype))  # initialise the scale
+    for step in grads:
+        opt.set_reuse_index(1)
+        for p, gr in zip(params, step):
+            p.grad = gr * sc.get_scale() if sc is not None else gr.clone()
+        sc.step(opt) if sc is not None else opt.step()
+        if sc is not None:
+            sc.update()
+        opt.zero_grad()
+    return params, FOLD_INNER[inner](params).defaults["lr"]
+
+
+@pytest.mark.parametrize("inner", sorted(FOLD_INNER))
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "scaler"])
+def test_folded_and_multiplying_clip_are_within_eps_per_step_of_float64(scaler, inner):
+    """fold_clip divides by 1/coef where the multiplying clip multiplies by coef: the same step up to rounding. Both
+    are held to a float64 run on identical gradients with a bound in float32 epsilons per step (a property of the
+    arithmetic, the same on every CPU), not to each other's rounding error."""
+    ref, lr = _synthetic_fold_run(False, inner, False, dtype=torch.float64)
+    eps = torch.finfo(torch.float32).eps
+    steps = 6
+    for fold in (True, False):
+        got, _ = _synthetic_fold_run(fold, inner, scaler)
+        for i, (p, r) in enumerate(zip(got, ref)):
+            err = ((p.double() - r).abs() / r.abs().clamp(min=lr)).max().item()
+            assert err <= FOLD_EPS_PER_STEP * steps * eps, (
+                f"fold_clip={fold} param {i}: error {err / eps:.1f} eps after {steps} steps "
+                f"(bound {FOLD_EPS_PER_STEP * steps})")
 
 
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "scaler"])

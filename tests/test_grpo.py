@@ -69,3 +69,31 @@ def test_ppo_clip_loss_ratio_max_ignores_masked_tokens():
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     _, st = ppo_clip_loss(logp, old, torch.tensor([1.0, -1.0]), mask)
     torch.testing.assert_close(st["ratio_max"], torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 13)])
+def test_ppo_clip_loss_drift_signals_match_a_float64_reference(shape):
+    """ess, log_ratio_m2 and tv over the masked tokens, against a straight float64 transcription of their
+    definitions (masked-out tokens, whatever their log-probs, do not count)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    logp = torch.randn(shape, generator=g) * 0.3 - 2.0
+    old = logp + torch.randn(shape, generator=g) * 0.2
+    mask = (torch.rand(shape, generator=g) < 0.7).float()
+    mask.view(-1)[0] = 1.0
+    logp = torch.where(mask > 0, logp, torch.full_like(logp, -50.0))  # garbage where masked out
+    _, st = ppo_clip_loss(logp, old, torch.ones(shape[0]), mask)
+    lr = [float(a) - float(b) for a, b, m in zip(logp.flatten(), old.flatten(), mask.flatten()) if m > 0]
+    w = [math.exp(x) for x in lr]
+    n = len(w)
+    ref = {"ess": sum(w) ** 2 / (n * sum(x * x for x in w)), "log_ratio_m2": sum(x * x for x in lr) / n,
+           "tv": 0.5 * sum(abs(x - 1.0) for x in w) / n}
+    for k, v in ref.items():
+        assert float(st[k]) == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert 0.0 < float(st["ess"]) <= 1.0 + 1e-6
+
+
+def test_ppo_clip_loss_ess_is_one_on_policy():
+    logp = torch.randn(4, 6)
+    _, st = ppo_clip_loss(logp, logp.clone(), torch.ones(4), torch.ones(4, 6))
+    assert float(st["ess"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(st["log_ratio_m2"]) == 0.0 and float(st["tv"]) == 0.0

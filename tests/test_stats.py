@@ -63,3 +63,18 @@ def test_paired_bootstrap_hand_cases():
     assert e.lo <= e.value <= e.hi
     with pytest.raises(ValueError):
         paired_bootstrap([1.0], [1.0, 2.0], diff_of_means)
+
+
+def test_fraction_of_gain_and_the_matched_bootstrap():
+    from dgg_fused.demo.stats import fraction_of_gain, matched_bootstrap, paired_bootstrap, diff_of_means
+
+    arm, base, ceil = [0.5, 0.6, 0.7], [0.4, 0.4, 0.5], [0.8, 0.8, 0.9]
+    # (0.6 - 0.4333) / (0.8333 - 0.4333)
+    assert fraction_of_gain(arm, base, ceil) == pytest.approx((0.6 - 1.3 / 3) / (2.5 / 3 - 1.3 / 3))
+    assert math.isnan(fraction_of_gain(arm, base, base))
+    est = matched_bootstrap([arm, base, ceil], fraction_of_gain)
+    assert est.lo <= est.value <= est.hi and est.n == 3
+    # the two-column case is paired_bootstrap, resample for resample
+    assert matched_bootstrap([arm, base], diff_of_means) == paired_bootstrap(arm, base, diff_of_means)
+    with pytest.raises(ValueError):
+        matched_bootstrap([arm, base[:2]], diff_of_means)

@@ -2,8 +2,9 @@
 
 Runs GRPO arms on identical seeds for one or more verifiable tasks and learning rates, prints the results table
 (exact expected reward, rollouts-to-target, paired bootstrap CIs), the pre-registered targets and the harm-oracle
-signal table, and writes everything under ``--out``. Independent runs execute in parallel processes (``--jobs``);
-every number is independent of the thread count and of ``--jobs``.
+signal table, and writes everything under ``--out``. Independent runs execute in parallel worker processes
+(``--jobs``) with pinned CPU code paths (:mod:`dgg_fused.demo.numerics`): every number is independent of the thread
+count, of ``--jobs`` and of the x86-64 CPU.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--observe", default="naive",
                    help="comma-separated arms that record the harm oracle (per-step exact dJ and signals)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="parallel worker processes (each runs with one intra-op thread)")
+                   help="parallel worker processes (each runs with one intra-op thread and pinned CPU code paths; "
+                        "see dgg_fused.demo.numerics)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in OUT/runs.jsonl (same config) and run only the missing ones")
     p.add_argument("--cache-dir", default=None, help="warm-start cache [default: $DGG_DEMO_CACHE or ~/.cache/dgg_fused/demo]")
@@ -104,14 +106,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _fingerprint(cfg) -> str:
-    return json.dumps(replace(cfg, lr=0.0).to_dict(), sort_keys=True, default=str)
+    """What a run in runs.jsonl must share with this command to be kept by ``--resume``: the configuration (but
+    the lr, which is part of each run's key) and the numerics mode."""
+    from .numerics import MODE
+
+    return json.dumps({"config": replace(cfg, lr=0.0).to_dict(), "numerics": MODE}, sort_keys=True, default=str)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from . import report
+    from . import numerics, report
     from .arms import parse_arm
     from .jobs import Unit, WarmFn, execute, run_unit
     from .run import RunResult
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         by_key = dict(done)
         with open(runs_path, "a") as f:
             for u, d in execute(run_unit, todo, args.jobs):
-                d["_meta"] = {"key": u.key(), "fingerprint": fp}
+                d["_meta"] = {"key": u.key(), "fingerprint": fp, "numerics": d.pop("_numerics")}
                 el = d.pop("_elapsed")
                 f.write(json.dumps(d) + "\n")  # one line per finished run: an interrupted grid keeps its results
                 f.flush()
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = report.summarize(results)
     agg = report.aggregate(rows, arm_order)
-    gate_arms = [a for a in arm_order if a not in ("k1", "k2", "naive")]
+    gate_arms = [a for a in arm_order if a not in ("k1", "k2", "naive", "oracle")]
+    fractions = report.oracle_fractions(rows, arm_order)
     tgts = [t for g in gate_arms for t in report.targets(rows, g)]
     sig = report.signals(results, {"z_energy": cfg.gate.tau, "approx_kl": cfg.target_kl})
     text = "\n\n".join(x for x in (
@@ -189,17 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         "Pre-registered targets (per gate arm):\n\n" + report.format_targets(tgts) + "\n\n"
         + report.format_target_summary(report.target_summary(tgts, rows)) if tgts else "",
         "Harm oracle (arms: " + ", ".join(sorted({r.arm for r in results if r.steps})) + "):\n\n"
-        + report.format_signals(sig) if sig else "") if x)
+        + report.format_signals(sig) if sig else "",
+        "Share of the greedy oracle's gain (the oracle is a ceiling, not a method):\n\n"
+        + report.format_oracle_fractions(fractions) if fractions else "") if x)
     meta = {
         "command": "python -m dgg_fused.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg.to_dict(),
         "arms": {a.name: a.describe() for a in arms},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "jobs": args.jobs},
+        "numerics": numerics.describe(),
         "elapsed_s": time.time() - t_start,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text)
+    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text, fractions)
     if not args.no_plots:
         paths.append(report.plot_curves(args.out, results, arm_order))
     print(text)

@@ -1,9 +1,10 @@
 """The testbed's arms: how many passes each rollout batch gets, and who decides to stop reusing it.
 
-An arm is a small strategy object (:class:`Arm`); the training loop (:func:`dgg_fused.demo.run.run_arm`) is the
-same for all of them and asks the arm three things: which optimizer to step (:meth:`Arm.wrap`), whether to take a
-step at all (:meth:`Arm.allow`, the host-side KL early stop), and what to hand the gate before ``step()``
-(:meth:`Arm.before_step`). Arms built on the library are defined by a :class:`dgg_fused.GateConfig` alone.
+An arm (:class:`Arm`, a frozen, picklable spec) *is* its strategy: :meth:`Arm.start` gives the per-run
+:class:`Strategy` that the training loop (:func:`dgg_fused.demo.run.run_arm`, the same for every arm) asks
+everything arm-specific — which optimizer to step, whether a pass may start, whether to take a step at all (the
+host-side KL stop), what to hand the gate before ``step()``, whether reuse has stopped after it. The loop never
+asks what kind of arm it runs. Arms built on the library are defined by a :class:`dgg_fused.GateConfig` alone.
 
 * ``k1`` / ``k2`` / ``naive``: :class:`FixedReuse` with K = 1, 2, ``cfg.K`` passes.
 * ``kl``: :class:`HostKLStop` — the demo's own peer of PPO's target-KL early stop, decided on the host: on a
@@ -14,6 +15,9 @@ step at all (:meth:`Arm.allow`, the host-side KL early stop), and what to hand t
 * ``klgate``: :class:`Gated` with the library's drift gate, ``GateConfig(energy=False, drift="approx_kl",
   drift_threshold=target_kl)`` — the same rule as ``kl``, exact and sync-free on the device.
 * ``dgg-or-kl``: :class:`Gated`, energy rule OR KL threshold (``combine="any"``).
+* ``oracle``: :class:`OracleStop` — the greedy oracle, a **ceiling, not a method** (docs/signals.md): each reuse
+  step is taken on a snapshot and undone exactly, with reuse stopped, when it lowers the exact J of a separate
+  oracle prompt set.
 
 Command line: ``--arm NAME[:key=value,...]``; ``gate:...`` builds any GateConfig, e.g.
 ``gate:energy=false,drift=clip_frac,drift_threshold=0.1``. Keys of :class:`~dgg_fused.GateConfig` (and ``K`` /
@@ -22,15 +26,17 @@ Command line: ``--arm NAME[:key=value,...]``; ``gate:...`` builds any GateConfig
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .. import GateConfig, GatedOptimizer
 
-__all__ = ["Arm", "FixedReuse", "HostKLStop", "Gated", "parse_arm", "BASE_ARMS", "GRID_ARMS"]
+__all__ = ["Arm", "FixedReuse", "HostKLStop", "Gated", "OracleStop", "Strategy", "RunContext", "parse_arm",
+           "BASE_ARMS", "GRID_ARMS"]
 
 #: The arms of the default run, in display order.
 BASE_ARMS = ("k1", "k2", "naive", "kl", "dgg", "klgate", "dgg-or-kl")
@@ -38,9 +44,68 @@ BASE_ARMS = ("k1", "k2", "naive", "kl", "dgg", "klgate", "dgg-or-kl")
 GRID_ARMS = BASE_ARMS
 
 
+@dataclass
+class RunContext:
+    """What an arm's strategy may use in one run (built by :func:`dgg_fused.demo.run.run_arm`).
+
+    ``watch``: the watch-only gate configuration of an observed run (None: not observed); the strategy's
+    :attr:`Strategy.gate` then reports the lm_head energy and its Z-score as the gate computes them.
+    ``judge``: the exact expected reward on the oracle prompt set (only the oracle arm calls it).
+    """
+
+    model: torch.nn.Module
+    inner: torch.optim.Optimizer
+    watch: GateConfig | None
+    judge: Callable[[], float]
+
+    def watch_gate(self) -> GatedOptimizer | None:
+        """A watch-only :class:`GatedOptimizer` around the inner optimizer for an observed run, else None."""
+        if self.watch is None:
+            return None
+        return GatedOptimizer(self.inner, lm_head=self.model.lm_head, config=self.watch)
+
+
+class Strategy:
+    """One arm's decisions in one run. The training loop (:func:`dgg_fused.demo.run.run_arm`) is the same for every
+    arm and asks its strategy everything arm-specific:
+
+    * :attr:`opt` — the optimizer the loop steps; :attr:`gate` — the :class:`GatedOptimizer` whose metrics the harm
+      oracle reads (the arm's own gate, or a watch-only one in an observed run; None otherwise);
+    * :meth:`begin_pass` — may pass k start? (False: reuse of the batch has stopped);
+    * :meth:`allow` — a host-side check before ``backward()`` (False: drop the step, stop reuse);
+    * :meth:`before_step` — hand the gate what it watches (after ``backward()``, before clipping and ``step()``);
+    * :meth:`after_step` — has reuse of this batch stopped? (read after ``step()``);
+    * :meth:`counts` — ``(steps dropped, batches whose reuse was stopped)`` at the end of the run.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, gate: GatedOptimizer | None = None) -> None:
+        self.opt = opt
+        self.gate = gate
+
+    def begin_pass(self, k: int) -> bool:
+        if self.gate is None:
+            return True
+        self.gate.set_reuse_index(k)
+        return not self.gate.reuse_stopped
+
+    def allow(self, k: int, stats: Mapping[str, torch.Tensor]) -> bool:
+        return True
+
+    def before_step(self, k: int, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                    clip_eps: float) -> None:
+        if self.gate is not None:
+            self.gate.record_energy()  # the watch gate reads the energy before clipping, like the paper's gate
+
+    def after_step(self, k: int) -> bool:
+        return False
+
+    def counts(self) -> tuple[int, int]:
+        return 0, 0
+
+
 @dataclass(frozen=True)
 class Arm:
-    """Base strategy: K passes, every step taken, plain inner optimizer."""
+    """An arm: its name (the command-line spec), K, and the strategy it runs (:meth:`start`)."""
 
     name: str
     max_reuse: int
@@ -48,26 +113,31 @@ class Arm:
     def describe(self) -> str:
         return f"fixed K={self.max_reuse}"
 
-    def wrap(self, inner: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """The optimizer the loop steps (default: the inner one)."""
-        return inner
-
-    def allow(self, k: int, stats: Mapping[str, torch.Tensor]) -> bool:
-        """Host-side check before ``backward()``; False drops the step and ends reuse of the batch."""
-        return True
-
-    def before_step(self, opt: torch.optim.Optimizer, logp: torch.Tensor, old_logp: torch.Tensor,
-                    mask: torch.Tensor, clip_eps: float) -> None:
-        """Hand the gate what it watches (called after ``backward()``, before clipping and ``step()``)."""
-
-    def stopped(self, opt: torch.optim.Optimizer) -> bool:
-        """Has the optimizer ended reuse of this batch? (read after ``step()``)."""
-        return False
+    def start(self, ctx: RunContext) -> Strategy:
+        """This arm's strategy for one run."""
+        gate = ctx.watch_gate()
+        return Strategy(gate if gate is not None else ctx.inner, gate)
 
 
 @dataclass(frozen=True)
 class FixedReuse(Arm):
     """K passes over every batch, no stopping rule (``k1``, ``k2``, ``naive``)."""
+
+
+class _HostKLStrategy(Strategy):
+    def __init__(self, arm: "HostKLStop", ctx: RunContext) -> None:
+        gate = ctx.watch_gate()
+        super().__init__(gate if gate is not None else ctx.inner, gate)
+        self.target_kl = arm.target_kl
+        self.trips = 0
+
+    def allow(self, k: int, stats: Mapping[str, torch.Tensor]) -> bool:
+        ok = k == 1 or float(stats["approx_kl"]) <= self.target_kl
+        self.trips += not ok
+        return ok
+
+    def counts(self) -> tuple[int, int]:
+        return 0, self.trips  # the step is never taken: nothing is dropped after backward
 
 
 @dataclass(frozen=True)
@@ -79,8 +149,32 @@ class HostKLStop(Arm):
     def describe(self) -> str:
         return f"host-side KL early stop, K={self.max_reuse}, target_kl={self.target_kl}"
 
-    def allow(self, k: int, stats: Mapping[str, torch.Tensor]) -> bool:
-        return k == 1 or float(stats["approx_kl"]) <= self.target_kl
+    def start(self, ctx: RunContext) -> Strategy:
+        return _HostKLStrategy(self, ctx)
+
+
+class _GatedStrategy(Strategy):
+    def __init__(self, arm: "Gated", ctx: RunContext) -> None:
+        lm_head = ctx.model.lm_head if arm.gate.energy else None
+        gate = GatedOptimizer(ctx.inner, lm_head=lm_head, config=arm.gate)
+        super().__init__(gate, gate)
+        self.config = arm.gate
+
+    def before_step(self, k: int, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                    clip_eps: float) -> None:
+        if self.config.energy:
+            self.gate.record_energy()  # before clipping, like the paper
+        if self.config.drift is not None:
+            from .. import drift_stats
+
+            self.gate.record_drift(**drift_stats(logp.detach(), old_logp, mask, clip_eps=clip_eps))
+
+    def after_step(self, k: int) -> bool:
+        return bool(self.gate.reuse_stopped)
+
+    def counts(self) -> tuple[int, int]:
+        m = self.gate.get_metrics()
+        return int(m["gated_steps"]), int(m["stopped_batches"])
 
 
 @dataclass(frozen=True)
@@ -101,22 +195,62 @@ class Gated(Arm):
         comb = " OR " if g.combine == "any" else " AND "
         return f"GatedOptimizer K={g.max_reuse}: " + comb.join(parts)
 
-    def wrap(self, inner: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
-        lm_head = model.lm_head if self.gate.energy else None
-        return GatedOptimizer(inner, lm_head=lm_head, config=self.gate)
+    def start(self, ctx: RunContext) -> Strategy:
+        return _GatedStrategy(self, ctx)
 
-    def before_step(self, opt: torch.optim.Optimizer, logp: torch.Tensor, old_logp: torch.Tensor,
-                    mask: torch.Tensor, clip_eps: float) -> None:
-        assert isinstance(opt, GatedOptimizer)
-        if self.gate.energy:
-            opt.record_energy()  # before clipping, like the paper
-        if self.gate.drift is not None:
-            from .. import drift_stats
 
-            opt.record_drift(**drift_stats(logp.detach(), old_logp, mask, clip_eps=clip_eps))
+class _OracleStrategy(Strategy):
+    """Takes each reuse step on a snapshot and keeps it only if the oracle set's exact J did not fall."""
 
-    def stopped(self, opt: torch.optim.Optimizer) -> bool:
-        return bool(opt.reuse_stopped)
+    def __init__(self, ctx: RunContext) -> None:
+        gate = ctx.watch_gate()
+        super().__init__(gate if gate is not None else ctx.inner, gate)
+        self.ctx = ctx
+        self.j_before: float | None = None  # the oracle J of the current weights (None: not known)
+        self.snapshot: tuple[dict, dict] | None = None
+        self.rolled_back = self.trips = 0
+
+    def before_step(self, k: int, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                    clip_eps: float) -> None:
+        super().before_step(k, logp, old_logp, mask, clip_eps)
+        if k > 1:
+            if self.j_before is None:
+                self.j_before = self.ctx.judge()
+            self.snapshot = ({n: t.detach().clone() for n, t in self.ctx.model.state_dict().items()},
+                             copy.deepcopy(self.ctx.inner.state_dict()))
+
+    def after_step(self, k: int) -> bool:
+        if k == 1:
+            self.j_before = None  # the weights moved; first passes are never judged
+            return False
+        j_after = self.ctx.judge()
+        if j_after < self.j_before:
+            params, state = self.snapshot
+            self.ctx.model.load_state_dict(params)  # copies into the same tensors: bit-exact
+            self.ctx.inner.load_state_dict(state)
+            self.snapshot = None
+            self.rolled_back += 1
+            self.trips += 1
+            return True
+        self.j_before, self.snapshot = j_after, None
+        return False
+
+    def counts(self) -> tuple[int, int]:
+        return self.rolled_back, self.trips
+
+
+@dataclass(frozen=True)
+class OracleStop(Arm):
+    """The greedy oracle — a **ceiling, not a method**: on each reuse step it takes the step on a snapshot, computes
+    the exact expected reward on the oracle prompt set (disjoint from the held-out evaluation set), and if it fell,
+    restores the snapshot exactly and stops reuse of the batch. It uses the future J, which no method has."""
+
+    def describe(self) -> str:
+        return f"greedy oracle (a ceiling, not a method), K={self.max_reuse}: reuse step undone and reuse stopped " \
+               "when it lowers the exact J of the oracle prompt set"
+
+    def start(self, ctx: RunContext) -> Strategy:
+        return _OracleStrategy(ctx)
 
 
 _GATE_FIELDS = {f.name: f.type for f in dataclasses.fields(GateConfig)}
@@ -141,7 +275,7 @@ def _coerce(key: str, value: str) -> Any:
 def parse_arm(spec: str, gate: GateConfig, target_kl: float) -> Arm:
     """An arm from its command-line spec (the arm's name is the spec string).
 
-    ``k1 | k2 | naive | kl | dgg | klgate | dgg-or-kl | gate``, optionally followed by ``:key=value,...`` where a key
+    ``k1 | k2 | naive | oracle | kl | dgg | klgate | dgg-or-kl | gate``, optionally followed by ``:key=value,...`` where a key
     is ``K``, ``target_kl`` or any :class:`~dgg_fused.GateConfig` field. ``gate`` and ``dgg`` start from
     ``gate`` (the run's configuration, the paper's rule by default); ``klgate`` from the KL threshold rule.
     """
@@ -159,10 +293,10 @@ def parse_arm(spec: str, gate: GateConfig, target_kl: float) -> Arm:
                          f"GateConfig fields {sorted(_GATE_FIELDS)}")
     K = int(kw.pop("K", {"k1": 1, "k2": 2}.get(base, gate.max_reuse)))
     tkl = float(kw.pop("target_kl", target_kl))
-    if base in ("k1", "k2", "naive"):
+    if base in ("k1", "k2", "naive", "oracle"):
         if kw:
             raise ValueError(f"arm {spec!r}: a fixed-K arm takes only K=")
-        return FixedReuse(spec, K)
+        return (OracleStop if base == "oracle" else FixedReuse)(spec, K)
     if base == "kl":
         if kw:
             raise ValueError(f"arm {spec!r}: the host KL arm takes only K= and target_kl=")
@@ -174,6 +308,6 @@ def parse_arm(spec: str, gate: GateConfig, target_kl: float) -> Arm:
     elif base == "dgg-or-kl":
         g = dataclasses.replace(gate, max_reuse=K, drift="approx_kl", drift_threshold=tkl, combine="any", **kw)
     else:
-        raise ValueError(f"unknown arm {spec!r}: use k1, k2, naive, kl, dgg, klgate, dgg-or-kl or gate "
+        raise ValueError(f"unknown arm {spec!r}: use k1, k2, naive, oracle, kl, dgg, klgate, dgg-or-kl or gate "
                          "(optionally with :key=value,...)")
     return Gated(spec, K, g)

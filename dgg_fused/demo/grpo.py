@@ -159,8 +159,11 @@ def ppo_clip_loss(
         mask: ``[B, T]`` float, 1 on completion tokens.
 
     Returns:
-        ``(loss, {"approx_kl", "clipfrac", "ratio_mean", "ratio_max"})``; ``ratio_max`` is the largest
-        ``|log rho|`` over the masked tokens (0 for an empty mask).
+        ``(loss, {"approx_kl", "clipfrac", "ratio_mean", "ratio_max", "ess", "log_ratio_m2", "tv"})``;
+        ``ratio_max`` is the largest ``|log rho|`` over the masked tokens (0 for an empty mask); over the ``n``
+        masked tokens, ``ess = (sum rho)^2 / (n sum rho^2)`` is the normalised effective sample size of the token
+        importance weights (VCPO; 1 on policy, falls with drift), ``log_ratio_m2 = mean (log rho)^2`` (M2PO's
+        second moment) and ``tv = mean |rho - 1| / 2`` (the total-variation estimate of DPPO's trust region).
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -179,5 +182,8 @@ def ppo_clip_loss(
             "clipfrac": (((r_ - 1.0).abs() > clip_eps).float() * mask).sum() / denom,
             "ratio_mean": (r_ * mask).sum() / denom,
             "ratio_max": (lr_.abs() * mask).amax() if mask.numel() else torch.zeros(()),
+            "ess": (r_ * mask).sum() ** 2 / (denom * (r_ * r_ * mask).sum()).clamp(min=torch.finfo(r_.dtype).tiny),
+            "log_ratio_m2": (lr_ * lr_ * mask).sum() / denom,
+            "tv": 0.5 * ((r_ - 1.0).abs() * mask).sum() / denom,
         }
     return loss, stats

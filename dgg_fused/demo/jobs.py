@@ -1,8 +1,10 @@
-"""Independent testbed runs in parallel worker processes (``--jobs``).
+"""Independent testbed runs in worker processes (``--jobs``).
 
-Each worker is a fresh *spawned* interpreter with one torch intra-op thread; a run's numbers do not depend on
-which process runs it or how many run at once (every run pins one thread and seeds all its randomness itself).
-Warm starts are trained first (one per task and seed, written to the cache), then the runs load them.
+Every warm start and every run executes in a fresh *spawned* worker process, also with ``--jobs 1``: the worker
+starts with the CPU code paths pinned (:mod:`dgg_fused.demo.numerics`: ATen AVX2, oneMKL COMPATIBLE, one thread),
+whatever the caller's environment, so a run's numbers do not depend on the CPU, on which process runs it or on how
+many run at once (every run also seeds all its randomness itself). Warm starts are trained first (one per task and
+seed, written to the cache), then the runs load them.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _warm(task_spec: str, cfg, seed: int, cache_dir: str) -> tuple[str, int, boo
 
 
 def run_unit(u: Unit) -> dict[str, Any]:
+    from . import numerics
     from .run import run_arm
     from .warmstart import warm_start
 
@@ -65,24 +68,23 @@ def run_unit(u: Unit) -> dict[str, Any]:
     res = run_arm(pt, u.arm, u.cfg, u.seed, state, observe=u.observe)
     d = res.to_dict()
     d["_elapsed"] = time.time() - t0
+    d["_numerics"] = numerics.current()
     return d
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def execute(fn: Callable, items: Sequence, jobs: int) -> Iterator[tuple[Any, Any]]:
-    """Yield ``(item, fn(item))`` as they finish: in this process for ``jobs == 1``, else in a spawn pool."""
-    if jobs <= 1 or len(items) <= 1:
-        for it in items:
-            yield it, fn(it)
+    """Yield ``(item, fn(item))`` as they finish, computed in ``min(jobs, len(items))`` spawned worker processes
+    with pinned numerics (:func:`dgg_fused.demo.numerics.init_worker`)."""
+    if not items:
         return
+    from . import numerics
+
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=ctx, initializer=_init_worker) as ex:
-        futs = {ex.submit(fn, it): it for it in items}
+    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(items))), mp_context=ctx,
+                             initializer=numerics.init_worker) as ex:
+        # a spawn pool starts its workers on submit: all of them start inside the pinned environment
+        with numerics.pinned_environ():
+            futs = {ex.submit(fn, it): it for it in items}
         for f in as_completed(futs):
             yield futs[f], f.result()
 

@@ -28,19 +28,54 @@ from typing import Any, Iterable, Sequence
 
 from ..monitor import signal_auc, trip_effect
 from .run import RunResult
-from .stats import Estimate, area, diff_of_means, first_reach, paired_bootstrap, ratio_of_means
+from .stats import (Estimate, area, diff_of_means, first_reach, fraction_of_gain, matched_bootstrap, paired_bootstrap,
+                    ratio_of_means)
 
 __all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "target_summary",
            "format_target_summary", "signals", "format_signals",
-           "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS"]
+           "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS",
+           "derived_steps", "oracle_fractions", "format_oracle_fractions"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
 #: The target is at least J0 + TARGET_MARGIN.
 TARGET_MARGIN = 0.05
 #: ``final`` values average the last FINAL_BATCHES rollout batches.
 FINAL_BATCHES = 5
-#: Candidate gate signals scored by the harm oracle (keys of the oracle's step records).
-SIGNALS = ("z_energy", "energy", "approx_kl", "clip_frac", "ratio_max", "grad_norm", "reuse_index")
+#: Candidate gate signals scored by the harm oracle: (key of the oracle's step records, harm direction). The AUC of
+#: a "high" signal ranks steps by the signal; of a "low" one (``ess``: VCPO's effective sample size falls with
+#: drift; ``energy_decay``: the lm_head energy relative to the batch's first pass) by its negation, so for every
+#: signal AUC > 0.5 means "it sees harm in the direction it is meant to". The older signals keep "high" (their
+#: tables read AUC < 0.5 as "low values go with harm").
+SIGNALS = (("z_energy", "high"), ("energy", "high"), ("approx_kl", "high"), ("clip_frac", "high"),
+           ("ratio_max", "high"), ("grad_norm", "high"), ("reuse_index", "high"), ("ess", "low"),
+           ("log_ratio_m2", "high"), ("tv", "high"), ("energy_decay", "low"))
+
+
+def derived_steps(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The oracle's step records plus the signals derived from them: ``energy_decay`` = the step's lm_head energy /
+    the mean energy of the same rollout batch's first-pass (k = 1) steps (None without energies)."""
+    first: dict[Any, list[float]] = {}
+    for st in steps:
+        if st.get("reuse_index") == 1 and st.get("energy") is not None:
+            first.setdefault(st["batch"], []).append(float(st["energy"]))
+    out = []
+    for st in steps:
+        d = dict(st)
+        base = first.get(st["batch"])
+        e = st.get("energy")
+        d["energy_decay"] = (float(e) / statistics.fmean(base)) if base and e is not None and statistics.fmean(base) > 0 else None
+        out.append(d)
+    return out
+
+
+def _scored(steps: Sequence[dict[str, Any]], sig: str, direction: str) -> float:
+    """AUC of ``sig`` for harmful reuse steps, in the signal's harm direction (nan without the signal)."""
+    rows = [s for s in steps if s.get(sig) is not None]
+    if not rows:
+        return float("nan")
+    if direction == "low":
+        rows = [{**s, sig: -float(s[sig])} for s in rows]
+    return signal_auc(rows, sig)
 #: The baselines of the "final J" target.
 BASELINES = ("k1", "k2", "kl")
 
@@ -125,6 +160,54 @@ def aggregate(rows: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> list[
                     a[name] = paired_bootstrap(xa, xb, stat)
             out.append(a)
     return out
+
+
+def oracle_fractions(rows: Sequence[dict[str, Any]], arm_order: Sequence[str],
+                     ceiling: str = "oracle") -> list[dict[str, Any]]:
+    """Per (task, lr, arm): the arm's final-J gain over naive and over K=1 as a fraction of the ``ceiling`` arm's
+    (ratio of mean differences over the seeds the three runs share, matched bootstrap 95% CI), beside the
+    ceiling's own gains. A fraction is NaN ("n/a") where the ceiling's gain over that base has a CI containing 0
+    (docs/signals.md)."""
+    out = []
+    for key in dict.fromkeys(_key(r) for r in rows):
+        grp = [r for r in rows if _key(r) == key]
+        by = {(r["arm"], r["seed"]): r["final_j"] for r in grp}
+        if not any(a == ceiling for a, _ in by):
+            continue
+        gains = {}
+        for base in ("naive", "k1"):
+            seeds = sorted(s for a, s in by if a == ceiling and (base, s) in by)
+            gains[base] = (paired_bootstrap([by[(ceiling, s)] for s in seeds], [by[(base, s)] for s in seeds],
+                                            diff_of_means) if seeds else Estimate(math.nan, math.nan, math.nan, 0))
+        for arm in arm_order:
+            if arm == ceiling or not any(a == arm for a, _ in by):
+                continue
+            row: dict[str, Any] = {"task": key[0], "lr": key[1], "arm": arm,
+                                   "oracle_gain_vs_naive": gains["naive"], "oracle_gain_vs_k1": gains["k1"]}
+            for base in ("naive", "k1"):
+                g = gains[base]
+                seeds = sorted(s for a, s in by if a == arm and (base, s) in by and (ceiling, s) in by)
+                if not seeds or not (g.lo > 0 or g.hi < 0):
+                    row[f"fraction_vs_{base}"] = Estimate(math.nan, math.nan, math.nan, len(seeds))
+                    continue
+                row[f"fraction_vs_{base}"] = matched_bootstrap(
+                    [[by[(arm, s)] for s in seeds], [by[(base, s)] for s in seeds], [by[(ceiling, s)] for s in seeds]],
+                    fraction_of_gain)
+            out.append(row)
+    return out
+
+
+def format_oracle_fractions(fr: Sequence[dict[str, Any]]) -> str:
+    if not fr:
+        return ""
+    lines = ["| task | lr | arm | oracle's gain over naive | share of it [95% CI] | oracle's gain over K=1 | "
+             "share of it [95% CI] |", "|" + "---|" * 7]
+    for r in fr:
+        lines.append(f"| {r['task']} | {r['lr']:g} | {r['arm']} | {r['oracle_gain_vs_naive'].fmt('+.3f')} | "
+                     f"{r['fraction_vs_naive'].fmt('.2f') if r['fraction_vs_naive'].value == r['fraction_vs_naive'].value else 'n/a'} | "
+                     f"{r['oracle_gain_vs_k1'].fmt('+.3f')} | "
+                     f"{r['fraction_vs_k1'].fmt('.2f') if r['fraction_vs_k1'].value == r['fraction_vs_k1'].value else 'n/a'} |")
+    return "\n".join(lines)
 
 
 def _f(x: Any, spec: str = ".3f") -> str:
@@ -245,8 +328,8 @@ def signals(results: Sequence[RunResult], thresholds: dict[str, float]) -> list[
                                "mean_delta_reuse": statistics.fmean(s["delta"] for s in reuse) if reuse else float("nan"),
                                "mean_delta_first": statistics.fmean(
                                    s["delta"] for r in runs for s in r.steps if s["reuse_index"] == 1)}
-        for sig in SIGNALS:
-            aucs = [signal_auc(r.steps, sig) for r in runs]
+        for sig, direction in SIGNALS:
+            aucs = [_scored(derived_steps(r.steps), sig, direction) for r in runs]
             aucs = [a for a in aucs if a == a]
             row[f"auc:{sig}"] = (statistics.fmean(aucs), min(aucs), max(aucs)) if aucs else (float("nan"),) * 3
         for sig, thr in thresholds.items():
@@ -264,11 +347,13 @@ def signals(results: Sequence[RunResult], thresholds: dict[str, float]) -> list[
 def format_signals(sig: Sequence[dict[str, Any]]) -> str:
     if not sig:
         return ""
+    names = [s for s, _ in SIGNALS]
     lines = ["| task | lr | seeds | reuse steps/run | harmful | mean dJ reuse / first-pass step | "
-             + " | ".join(f"AUC {s}" for s in SIGNALS) + " |", "|" + "---|" * (6 + len(SIGNALS))]
+             + " | ".join(f"AUC {s}{' (low)' if d == 'low' else ''}" for s, d in SIGNALS) + " |",
+             "|" + "---|" * (6 + len(SIGNALS))]
     for r in sig:
         aucs = " | ".join(f"{r[f'auc:{s}'][0]:.2f} ({r[f'auc:{s}'][1]:.2f}–{r[f'auc:{s}'][2]:.2f})"
-                          if r[f'auc:{s}'][0] == r[f'auc:{s}'][0] else "-" for s in SIGNALS)
+                          if r[f'auc:{s}'][0] == r[f'auc:{s}'][0] else "-" for s in names)
         lines.append(f"| {r['task']} | {r['lr']:g} | {r['seeds']} | {r['reuse_steps']:.0f} | {r['harmful']:.2f} | "
                      f"{r['mean_delta_reuse']:+.4f} / {r['mean_delta_first']:+.4f} | {aucs} |")
     trip_keys = [k for k in sig[0] if k.startswith("trip:")]
@@ -293,14 +378,15 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: str) -> list[str]:
-    """results.json (meta, per-run summary, table, signals, targets), summary.csv and report.md under ``out``."""
+def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: str, fractions=()) -> list[str]:
+    """results.json (meta, per-run summary, table, signals, targets, shares of the oracle's gain), summary.csv and
+    report.md under ``out``."""
     os.makedirs(out, exist_ok=True)
     paths = []
     p = os.path.join(out, "results.json")
     with open(p, "w") as f:
-        json.dump(_jsonable({"meta": meta, "summary": rows, "table": agg, "signals": sig, "targets": tgts}), f,
-                  indent=1)
+        json.dump(_jsonable({"meta": meta, "summary": rows, "table": agg, "signals": sig, "targets": tgts,
+                             "oracle_fractions": list(fractions)}), f, indent=1)
     paths.append(p)
     p = os.path.join(out, "summary.csv")
     with open(p, "w", newline="") as f:

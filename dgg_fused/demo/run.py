@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .. import GateConfig, GatedOptimizer
+from .. import GateConfig
 from ..monitor import DWDMonitor, HarmOracle
-from .arms import Arm
+from .arms import Arm, RunContext
 from .evaluate import HeldOut
 from .grpo import Rollouts, completion_logprobs, decode_completions, encode_prompts, generate, group_advantages, ppo_clip_loss
 from .model import ModelConfig, build_model, build_tokenizer, task_token_ids
@@ -39,10 +39,12 @@ from .tasks import Task
 from .warmstart import WarmStartConfig
 
 __all__ = ["DemoConfig", "PreparedTask", "prepare_task", "run_arm", "RunResult", "BatchRecord", "Counts",
-           "one_thread", "HELDOUT_SEED"]
+           "one_thread", "HELDOUT_SEED", "ORACLE_SEED"]
 
 #: The held-out prompt set is drawn from this seed (disjoint from training prompts only in expectation).
 HELDOUT_SEED = 987654321
+#: The oracle arm's prompt set is drawn from this seed, excluding every held-out prompt.
+ORACLE_SEED = 123456789
 #: tau of the watch-only gate that reads the Z-score without ever tripping.
 _WATCH_TAU = 1e30
 
@@ -80,16 +82,32 @@ class DemoConfig:
 
 @dataclass
 class PreparedTask:
+    """A task with its tokenizer and its two fixed prompt sets: ``heldout`` (the evaluation metric) and ``oracle``
+    (only the oracle arm judges its steps on it; disjoint from ``heldout``, so no arm is selected on the metric)."""
+
     task: Task
     tokenizer: Any
     used_rows: list[int]
     heldout: HeldOut
+    oracle: HeldOut
+
+
+def _disjoint_prompts(task: Task, seed: int, n: int, exclude: set[str]) -> list:
+    """``n`` prompts from ``seed`` whose text is not in ``exclude`` (a task with too few distinct prompts raises)."""
+    rng, out = random.Random(seed), []
+    for _ in range(1000):
+        out += [ex for ex in task.make_prompts(rng, n) if ex.prompt not in exclude]
+        if len(out) >= n:
+            return out[:n]
+    raise ValueError(f"task {task.name!r}: cannot draw {n} oracle prompts disjoint from the held-out set")
 
 
 def prepare_task(task: Task, cfg: DemoConfig) -> PreparedTask:
     tok = build_tokenizer(task.words, cfg.model.vocab_size)
     exs = task.make_prompts(random.Random(HELDOUT_SEED), cfg.n_heldout)
-    return PreparedTask(task, tok, task_token_ids(tok, task.words), HeldOut.build(task, tok, exs))
+    orc = _disjoint_prompts(task, ORACLE_SEED, cfg.n_heldout, {ex.prompt for ex in exs})
+    return PreparedTask(task, tok, task_token_ids(tok, task.words), HeldOut.build(task, tok, exs),
+                        HeldOut.build(task, tok, orc))
 
 
 @contextlib.contextmanager
@@ -200,13 +218,11 @@ class _Run:
         self.model.load_state_dict(warm_state)
         self.model.train()
         self.inner = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
-        self.opt = arm.wrap(self.inner, self.model)
-        self.watch = None
-        if observe and not isinstance(self.opt, GatedOptimizer):
-            # the gate's Z-score without its decisions: a tau no statistic reaches (never trips, so the wrapped
-            # step is the inner step: same numbers)
-            self.opt = self.watch = GatedOptimizer(
-                self.inner, lm_head=self.model.lm_head, config=dataclasses.replace(cfg.gate, tau=_WATCH_TAU))
+        # observed: the gate's Z-score without its decisions, a tau no statistic reaches (never trips, so the
+        # wrapped step is the inner step: same numbers)
+        watch = dataclasses.replace(cfg.gate, tau=_WATCH_TAU) if observe else None
+        self.strategy = arm.start(RunContext(self.model, self.inner, watch, self._judge))
+        self.opt = self.strategy.opt
         self.oracle = HarmOracle(self._expected) if observe else None
         self.dwd = DWDMonitor(self.model, lm_head=self.model.lm_head, used_rows=pt.used_rows)
         self.counts = Counts()
@@ -214,8 +230,14 @@ class _Run:
         self.wall = 0.0
 
     def _expected(self) -> float:
+        return self._eval(self.pt.heldout)
+
+    def _judge(self) -> float:
+        return self._eval(self.pt.oracle)
+
+    def _eval(self, prompts: HeldOut) -> float:
         self.model.eval()
-        v = self.pt.heldout.expected_reward(self.model)
+        v = prompts.expected_reward(self.model)
         self.model.train()
         return v
 
@@ -248,9 +270,7 @@ class _Run:
                 on_iter()
         c = self.counts
         c.steps_applied = _applied_steps(self.inner)
-        if isinstance(self.opt, GatedOptimizer) and self.watch is None:
-            m = self.opt.get_metrics()
-            c.gated_steps, c.trips = int(m["gated_steps"]), int(m["stopped_batches"])
+        c.gated_steps, c.trips = self.strategy.counts()
         g = self.pt.heldout
         return RunResult(
             task=self.pt.task.name, lr=cfg.lr, arm=self.arm.name, arm_description=self.arm.describe(),
@@ -260,19 +280,16 @@ class _Run:
 
     def _batch(self, it: int, ro: Rollouts) -> tuple[int, int, float]:
         """The passes over one rollout batch; returns (passes, steps attempted, seconds spent observing)."""
-        cfg, arm, opt, model = self.cfg, self.arm, self.opt, self.model
+        cfg, arm, strat, opt, model = self.cfg, self.arm, self.strategy, self.opt, self.model
         n = len(ro)
         mb = math.ceil(n / cfg.minibatches)
         shuffle = torch.Generator().manual_seed(self.seed * 7_000_003 + it)
-        gated = isinstance(opt, GatedOptimizer)
         passes = steps = 0
         t_obs = 0.0
         stop = False
         for k in range(1, arm.max_reuse + 1):
-            if gated:
-                opt.set_reuse_index(k)
-                if opt.reuse_stopped:
-                    break
+            if not strat.begin_pass(k):
+                break
             passes += 1
             perm = torch.randperm(n, generator=shuffle)
             for i in range(0, n, mb):
@@ -281,31 +298,29 @@ class _Run:
                                            ro.comp_mask[idx])
                 loss, st = ppo_clip_loss(logp, ro.old_logp[idx], ro.advantages[idx], ro.comp_mask[idx],
                                          cfg.clip_eps)
-                if not arm.allow(k, st):
-                    self.counts.trips += 1
+                if not strat.allow(k, st):
                     stop = True
                     break
                 loss.backward()
                 steps += 1
-                arm.before_step(opt, logp, ro.old_logp[idx], ro.comp_mask[idx], cfg.clip_eps)
-                if self.watch is not None:
-                    self.watch.record_energy()
+                strat.before_step(k, logp, ro.old_logp[idx], ro.comp_mask[idx], cfg.clip_eps)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 if self.oracle is not None:
                     t1 = time.perf_counter()
                     self.oracle.begin_step(batch=it, reuse_index=k, approx_kl=float(st["approx_kl"]),
                                            clip_frac=float(st["clipfrac"]), ratio_max=float(st["ratio_max"]),
-                                           grad_norm=float(gnorm))
+                                           ess=float(st["ess"]), log_ratio_m2=float(st["log_ratio_m2"]),
+                                           tv=float(st["tv"]), grad_norm=float(gnorm))
                     t_obs += time.perf_counter() - t1
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if self.oracle is not None:
                     t1 = time.perf_counter()
-                    m = opt.get_metrics()
+                    m = strat.gate.get_metrics()
                     e = self.oracle.end_step()
                     e.update(z_energy=m["statistic"], energy=m["energy"])
                     t_obs += time.perf_counter() - t1
-                if arm.stopped(opt):
+                if strat.after_step(k):
                     stop = True
                     break
             if stop:

@@ -21,7 +21,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["area", "first_reach", "Reach", "paired_bootstrap", "ratio_of_means", "diff_of_means", "Estimate",
+__all__ = ["area", "first_reach", "Reach", "paired_bootstrap", "matched_bootstrap", "ratio_of_means", "diff_of_means",
+           "fraction_of_gain", "Estimate",
            "BOOTSTRAP_SEED", "BOOTSTRAP_RESAMPLES"]
 
 #: Fixed seed and number of resamples of every bootstrap in the report (so the CIs reproduce bit-exactly).
@@ -71,6 +72,13 @@ def diff_of_means(a: Sequence[float], b: Sequence[float]) -> float:
     return statistics.fmean(a) - statistics.fmean(b)
 
 
+def fraction_of_gain(arm: Sequence[float], base: Sequence[float], ceiling: Sequence[float]) -> float:
+    """``(mean(arm) - mean(base)) / (mean(ceiling) - mean(base))``: the share of the ceiling's gain over ``base``
+    that ``arm`` gets (NaN when the ceiling gains nothing)."""
+    d = statistics.fmean(ceiling) - statistics.fmean(base)
+    return (statistics.fmean(arm) - statistics.fmean(base)) / d if d else float("nan")
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A point estimate with its paired-bootstrap 95% CI."""
@@ -109,13 +117,29 @@ def paired_bootstrap(
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"paired_bootstrap: need two equally long non-empty sequences, got {len(a)} and {len(b)}")
-    point = stat(a, b)
+    return matched_bootstrap([a, b], stat, resamples=resamples, seed=seed, level=level)
+
+
+def matched_bootstrap(
+    columns: Sequence[Sequence[float]],
+    stat: Callable[..., float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> Estimate:
+    """``stat(*columns)`` and its percentile bootstrap CI, resampling the seeds: row ``i`` of every column together
+    (e.g. an arm, naive and the oracle on the same seed). :func:`paired_bootstrap` is the two-column case."""
+    n = len(columns[0]) if columns else 0
+    if not columns or not n or any(len(c) != n for c in columns):
+        raise ValueError("matched_bootstrap: need equally long non-empty columns, got "
+                         f"{[len(c) for c in columns]}")
+    point = stat(*columns)
     rng = random.Random(seed)
-    n = len(a)
     vals = []
     for _ in range(resamples):
         idx = [rng.randrange(n) for _ in range(n)]
-        v = stat([a[i] for i in idx], [b[i] for i in idx])
+        v = stat(*[[c[i] for i in idx] for c in columns])
         if math.isfinite(v):
             vals.append(v)
     if not vals:

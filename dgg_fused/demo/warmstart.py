@@ -9,7 +9,9 @@ initialised model.
 The result is cached as ``<cache_dir>/warm-<task>-<hash>.pt`` keyed by everything that determines it: the task
 (class, name, words, its parameters), model size, seed, schedule, the torch version, the number of intra-op
 threads it was trained with (always one: :func:`warm_start` pins it, so a warm start is the same whichever process
-or machine setting trained it) and a format version. Repeated runs and every arm of a run start from the same
+or machine setting trained it), the numerics mode of the process that trained it
+(:func:`dgg_fused.demo.numerics.current`: the pinned portable mode in a testbed worker, which makes it the same on
+every x86-64 CPU) and a format version. Repeated runs and every arm of a run start from the same
 weights without retraining.
 """
 
@@ -23,12 +25,13 @@ from dataclasses import dataclass, asdict
 
 import torch
 
+from . import numerics
 from .model import ModelConfig, build_model
 from .tasks import Task
 
 __all__ = ["WarmStartConfig", "warm_start", "default_cache_dir", "cache_key", "WARM_THREADS"]
 
-_FORMAT = 2
+_FORMAT = 3
 #: Intra-op threads every warm start is trained with (part of the cache key).
 WARM_THREADS = 1
 
@@ -62,7 +65,7 @@ def cache_key(task: Task, mcfg: ModelConfig, wcfg: WarmStartConfig, seed: int) -
         {"format": _FORMAT, "task": task.name, "class": f"{type(task).__module__}.{type(task).__qualname__}",
          "params": _task_params(task), "words": list(task.words), "answer_words": list(task.answer_words),
          "max_new": task.max_new_tokens, "model": mcfg.to_dict(), "warm": asdict(wcfg), "seed": seed,
-         "torch": torch.__version__, "threads": WARM_THREADS},
+         "torch": torch.__version__, "threads": WARM_THREADS, "numerics": numerics.current()},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
