@@ -5,8 +5,8 @@ lm_head moves far more than the rest of the network, and that its gradient energ
 :class:`DWDMonitor` measures exactly those quantities in any training loop, so the claim can be checked instead of
 assumed:
 
-* **relative weight change** ``||W - W0|| / ||W0||`` per parameter group (lm_head, attention, MLP, embeddings,
-  other), with the lm_head additionally split into the rows of tokens the task *uses* and the rows it never
+* **relative weight change** ``||W - W0|| / ||W0||`` per parameter group (lm_head, attention, MLP, norms,
+  embeddings, other), with the lm_head additionally split into the rows of tokens the task *uses* and the rows it never
   samples (in an LLM-sized vocabulary almost all rows are of the second kind);
 * **lm_head gradient energy** ``||g||^2`` per optimizer step, tagged with the reuse index k (1 = on-policy pass),
   split the same way into used and unused rows;
@@ -48,13 +48,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .lm_head import is_tied
+
 __all__ = ["DWDMonitor", "classify_parameters", "GROUP_ORDER", "HarmOracle", "TripEffect", "auc", "signal_auc",
            "trip_effect"]
 
 #: The default groups, in display order. ``"lm_head"`` is found by identity; the rest by parameter name.
-GROUP_ORDER = ("lm_head", "attention", "mlp", "embeddings", "other")
+GROUP_ORDER = ("lm_head", "attention", "mlp", "norms", "embeddings", "other")
 
-_NAME_RULES = (
+_NAME_RULES = (  # in order: norms first, so that e.g. Llama's ``post_attention_layernorm`` is not "attention"
+    ("norms", ("norm", "ln_")),
     ("embeddings", ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")),
     ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")),
     ("mlp", ("mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")),
@@ -66,11 +69,13 @@ def classify_parameters(model: nn.Module, lm_head: Iterable[torch.Tensor] = ()) 
 
     Args:
         model: any module.
-        lm_head: the output projection's parameters (matched by identity, so a tied embedding counts as lm_head).
+        lm_head: the output projection's parameters (matched by identity, so an input embedding tied to it is
+            counted once, as lm_head).
 
     Returns:
         ``{group: [parameters]}`` for the non-empty groups. A parameter goes to the first rule whose substring
-        occurs in its (lower-cased) name: embeddings, attention, MLP; anything else (norms, biases of unnamed
+        occurs in its (lower-cased) name: norms (``norm``, ``ln_``: RMSNorm / LayerNorm weights and biases, also
+        Llama's ``post_attention_layernorm``), embeddings, attention, MLP; anything else (biases of unnamed
         modules) is ``"other"``.
     """
     head_ids = {id(p) for p in lm_head}
@@ -116,6 +121,9 @@ class DWDMonitor:
             :func:`classify_parameters`. The lm_head row split is reported in addition to these groups.
 
     Attributes:
+        tied: True when the lm_head weight is the model's input embedding weight (tied word embeddings, e.g.
+            SmolLM2, Qwen2.5-0.5B): the ``"lm_head"`` group is then that one shared matrix, counted once (there is
+            no separate ``"embeddings"`` entry for it), and its energy is the shared matrix's gradient.
         steps: one dict per :meth:`record_gradients` / :meth:`end_step` pair, in order. Keys: ``step``,
             ``reuse_index``, ``energy``, ``energy_used``, ``energy_unused`` (from :meth:`record_gradients`), and
             ``update``, ``update_used``, ``update_unused``, ``skipped`` (from :meth:`end_step`).
@@ -136,6 +144,7 @@ class DWDMonitor:
                 raise ValueError("DWDMonitor: pass lm_head= (the model has no get_output_embeddings())")
         self.model = model
         self.lm_head_weight = _lm_head_weight(lm_head)
+        self.tied = is_tied(model, self.lm_head_weight)
         vocab = self.lm_head_weight.shape[0]
         if groups is None:
             head_params = list(lm_head.parameters()) if isinstance(lm_head, nn.Module) else [self.lm_head_weight]
