@@ -51,7 +51,7 @@ from torch import nn
 from .lm_head import is_tied
 
 __all__ = ["DWDMonitor", "classify_parameters", "GROUP_ORDER", "HarmOracle", "TripEffect", "auc", "signal_auc",
-           "trip_effect"]
+           "trip_effect", "trip_steps"]
 
 #: The default groups, in display order. ``"lm_head"`` is found by identity; the rest by parameter name.
 GROUP_ORDER = ("lm_head", "attention", "mlp", "norms", "embeddings", "other")
@@ -356,26 +356,31 @@ class TripEffect:
     random_delta: float
 
 
+def trip_steps(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> list[int]:
+    """Where the rule "on a reuse step, trip when ``signal > threshold``" trips in a recorded (never-gated) run:
+    the indices into ``steps`` (dicts with ``batch``, ``reuse_index`` and the signal, in step order) of each
+    batch's first reuse step whose signal exceeds ``threshold`` (a trip ends reuse of its batch)."""
+    tripped: set[Any] = set()
+    out = []
+    for i, s in enumerate(steps):
+        if s["batch"] not in tripped and int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
+            tripped.add(s["batch"])
+            out.append(i)
+    return out
+
+
 def trip_effect(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> TripEffect:
     """:class:`TripEffect` of the rule "on a reuse step, trip when ``signal > threshold``" over ``steps`` (dicts
-    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order)."""
-    tripped: set[Any] = set()
-    trips = removed = 0
+    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order; the trips: :func:`trip_steps`)."""
+    trips = trip_steps(steps, signal, threshold)
+    first = {steps[i]["batch"]: i for i in trips}
+    removed = [s for i, s in enumerate(steps) if s["batch"] in first and i >= first[s["batch"]]]
     removed_delta = 0.0
-    for s in steps:
-        b = s["batch"]
-        if b in tripped:
-            removed += 1
-            removed_delta += float(s["delta"])
-            continue
-        if int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
-            tripped.add(b)
-            trips += 1
-            removed += 1
-            removed_delta += float(s["delta"])
+    for s in removed:
+        removed_delta += float(s["delta"])
     rs = _reuse_steps(steps)
     mean_reuse = statistics.fmean(float(s["delta"]) for s in rs) if rs else 0.0
-    return TripEffect(trips, removed, removed_delta, removed * mean_reuse)
+    return TripEffect(len(trips), len(removed), removed_delta, len(removed) * mean_reuse)
 
 
 class HarmOracle:

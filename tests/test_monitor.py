@@ -146,7 +146,7 @@ def test_monitor_errors():
 
 
 # ------------------------------------------------------------------------------------------ harm oracle
-from dgg_fused.monitor import HarmOracle, TripEffect, auc, signal_auc, trip_effect  # noqa: E402
+from dgg_fused.monitor import HarmOracle, TripEffect, auc, signal_auc, trip_effect, trip_steps  # noqa: E402
 
 
 def test_auc_hand_cases():
@@ -185,10 +185,12 @@ def test_signal_auc_counts_reuse_steps_only():
 def test_trip_effect_hand_case():
     # s > 2.5: batch 1 trips at its first reuse step (removes it and the next: -0.1 + 0.2); batch 2 never trips
     e = trip_effect(_steps(), "s", 2.5)
+    assert trip_steps(_steps(), "s", 2.5) == [1]
     mean_reuse = (-0.1 + 0.2 + 0.1 - 0.2) / 4
     assert e == TripEffect(trips=1, removed_steps=2, removed_delta=pytest.approx(0.1), random_delta=pytest.approx(2 * mean_reuse))
     # s > 0.4: both batches trip at their first reuse step; first-pass steps never trip
     e = trip_effect(_steps(), "s", 0.4)
+    assert trip_steps(_steps(), "s", 0.4) == [1, 4]  # one trip per batch: the first crossing on a reuse step
     assert (e.trips, e.removed_steps) == (2, 4) and e.removed_delta == pytest.approx(0.0)
     assert trip_effect(_steps(), "s", 100.0).removed_steps == 0
 

@@ -79,7 +79,12 @@ def file_sha256(path: str) -> str:
 
 
 def weights_key(gguf_sha256: str) -> str:
-    """The cache key of a conversion: the GGUF file's sha256, the format version and the transformers version."""
+    """The cache key of a conversion: the GGUF file's sha256, the format version and the transformers version.
+
+    Not the numerics mode (:mod:`dgg_fused.demo.numerics`), unlike the toy's warm-start key: the conversion is
+    ``gguf``'s elementwise dequantization in numpy and a bit-for-bit copy, with no reduction whose order a CPU
+    could change (checked: SmolLM2's conversion is byte-identical in a pinned worker and in a process running
+    ATen's scalar kernels with oneMKL's AVX2 branch requested). It runs in a pinned worker all the same."""
     import transformers
 
     blob = json.dumps({"gguf_sha256": gguf_sha256, "format": _FORMAT, "transformers": transformers.__version__},
@@ -129,6 +134,11 @@ class ConvertedLM:
             tok = AutoTokenizer.from_pretrained(self.path)
         tok.padding_side = "left"
         return tok
+
+    def vocab_size(self) -> int:
+        """The model's vocabulary (lm_head rows; may exceed the tokenizer's)."""
+        with open(os.path.join(self.path, "config.json")) as f:
+            return int(json.load(f)["vocab_size"])
 
     def meta(self) -> dict[str, Any]:
         with open(os.path.join(self.path, "meta.json")) as f:

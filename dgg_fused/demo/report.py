@@ -1,4 +1,5 @@
-"""Summaries, tables, the pre-registered targets, the signal table, files and plots of testbed runs.
+"""Summaries, tables, the pre-registered targets, the signal table and the files of testbed runs (the plots:
+:mod:`dgg_fused.demo.plots`).
 
 Definitions (also printed under the table):
 
@@ -33,7 +34,7 @@ from .stats import (Estimate, area, diff_of_means, first_reach, fraction_of_gain
 
 __all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "target_summary",
            "format_target_summary", "signals", "format_signals",
-           "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS",
+           "write_results", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS",
            "derived_steps", "oracle_fractions", "format_oracle_fractions"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
@@ -400,35 +401,3 @@ def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: st
         f.write(text + "\n")
     paths.append(p)
     return paths
-
-
-def plot_curves(out: str, results: Sequence[RunResult], arm_order: Sequence[str]) -> str:
-    """expected_reward.png: mean exact expected reward vs rollouts per arm, one panel per (task, lr)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(dict.fromkeys((r.task, r.lr) for r in results))
-    tasks = list(dict.fromkeys(k[0] for k in keys))
-    lrs = sorted({k[1] for k in keys})
-    fig, axes = plt.subplots(len(tasks), len(lrs), figsize=(5 * len(lrs), 3.6 * len(tasks)), squeeze=False)
-    for i, task in enumerate(tasks):
-        for j, lr in enumerate(lrs):
-            ax = axes[i][j]
-            for arm in arm_order:
-                runs = [r for r in results if (r.task, r.lr, r.arm) == (task, lr, arm)]
-                if not runs:
-                    continue
-                x = [b.rollouts for b in runs[0].history]
-                y = [statistics.fmean(v) for v in zip(*[[b.expected for b in r.history] for r in runs])]
-                ax.plot(x, y, label=arm)
-            ax.set_title(f"{task}, lr {lr:g}: exact expected reward (seed mean)", fontsize=9)
-            ax.set_xlabel("rollouts")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(out, "expected_reward.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    return p
