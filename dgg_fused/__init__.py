@@ -7,7 +7,7 @@ Importing it loads neither ``torch._dynamo`` nor triton (tests/test_import.py); 
 Triton kernels are loaded when a backend first needs them.
 """
 
-from .config import COMBINES, DRIFT_RULES, DRIFT_STATS, REFERENCES, STATISTICS, GateConfig
+from .config import ACTIONS, COMBINES, DRIFT_RULES, DRIFT_STATS, REFERENCES, STATISTICS, GateConfig
 from .drift import drift_stats
 from .lm_head import TiedLmHeadWarning, find_lm_head, is_tied
 from .ops import available_backends, grad_sumsq
@@ -23,6 +23,7 @@ __all__ = [
     "DRIFT_STATS",
     "DRIFT_RULES",
     "COMBINES",
+    "ACTIONS",
     "drift_stats",
     "SKIP_MODES",
     "find_lm_head",

@@ -25,8 +25,10 @@ result is bit-identical on every rank, so the gate's decisions are too. Build th
 **Checkpoints with torch.distributed.checkpoint (DCP):** :func:`get_state_dict` / :func:`set_state_dict` (defined
 in :mod:`dgg_fused.checkpoint`, re-exported here).
 
-:class:`dgg_fused.energy.EnergyMeter` calls :func:`global_grad_sumsq` for DTensor gradients and an energy group;
-without them it is exactly :func:`dgg_fused.grad_sumsq`. This module imports neither the optimizer nor the energy
+:func:`global_sumsq` is the one float64 all-reduce of a sum of squares (an empty local part contributes 0): the
+DTensor / energy-group path here and the DeepSpeed ZeRO partitions (``integrations/deepspeed.py``) both use it.
+:class:`dgg_fused.energy.EnergyMeter` calls :func:`global_grad_sumsq` when its plan says the energy is global
+(DTensor parameters or an energy group), decided once. This module imports neither the optimizer nor the energy
 module (they import it).
 """
 
@@ -40,7 +42,7 @@ import torch.distributed as dist
 from .checkpoint import _as_gated, get_state_dict, set_state_dict
 from .ops import grad_sumsq
 
-__all__ = ["global_grad_sumsq", "set_energy_group", "is_dtensor", "get_state_dict", "set_state_dict"]
+__all__ = ["global_grad_sumsq", "global_sumsq", "set_energy_group", "is_dtensor", "get_state_dict", "set_state_dict"]
 
 try:  # DTensor is public since torch 2.4; a build without distributed support has none.
     from torch.distributed.tensor import DTensor, Replicate
@@ -72,6 +74,30 @@ def _shard_dims(t: Any) -> tuple[int, ...]:
     return tuple(i for i, p in enumerate(t.placements) if p.is_shard())
 
 
+def global_sumsq(
+    tensors: Sequence[torch.Tensor], *, groups: Sequence[Any] = (), device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The local sum of squares of ``tensors`` in float64, all-reduced (SUM) over each of ``groups`` in turn: a
+    0-d float64 tensor, no host sync.
+
+    ``tensors`` may be empty (a rank that holds no piece): it contributes 0.0, on ``device``. Every rank of each
+    group must call this at the same point (it is one collective per group), holding a piece or not. A group of
+    one rank, or torch.distributed not running, reduces nothing. ``None`` in ``groups`` is the default group.
+    """
+    if tensors:
+        e = grad_sumsq(list(tensors), backend=backend).to(torch.float64)
+    elif device is not None:
+        e = torch.zeros((), dtype=torch.float64, device=device)
+    else:
+        raise ValueError("global_sumsq: no local tensors and no device= to place the zero on")
+    if dist.is_available() and dist.is_initialized():
+        for g in groups:
+            if dist.get_world_size(g) > 1:
+                dist.all_reduce(e, op=dist.ReduceOp.SUM, group=g)
+    return e
+
+
 def global_grad_sumsq(
     tensors: Sequence[torch.Tensor], *, backend: str = "auto", group: Any = None
 ) -> torch.Tensor:
@@ -85,10 +111,6 @@ def global_grad_sumsq(
     Every rank that holds a shard must call this (it issues collectives), in the same order of tensors.
     """
     ts = list(tensors) if not isinstance(tensors, torch.Tensor) else [tensors]
-    has_dt = any(is_dtensor(t) for t in ts)
-    if not has_dt and group is None:
-        return grad_sumsq(ts, backend=backend)  # the single-process / DDP path, unchanged
-
     plain: list[torch.Tensor] = []
     # (mesh, shard mesh-dims) -> local pieces; tensors sharded the same way share one all-reduce
     by_layout: dict[tuple[int, tuple[int, ...]], tuple[Any, tuple[int, ...], list[torch.Tensor]]] = {}
@@ -102,17 +124,12 @@ def global_grad_sumsq(
         key = (id(t.device_mesh), dims)
         by_layout.setdefault(key, (t.device_mesh, dims, []))[2].append(t.to_local())
 
-    parts: list[torch.Tensor] = []
-    for mesh, dims, locals_ in by_layout.values():
-        e = grad_sumsq(locals_, backend=backend).to(torch.float64)
-        for d in dims:
-            dist.all_reduce(e, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
-        parts.append(e)
+    parts = [
+        global_sumsq(locals_, groups=[mesh.get_group(d) for d in dims], backend=backend)
+        for mesh, dims, locals_ in by_layout.values()
+    ]
     if plain:
-        e = grad_sumsq(plain, backend=backend).to(torch.float64)
-        if group is not None:
-            dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
-        parts.append(e)
+        parts.append(global_sumsq(plain, groups=() if group is None else (group,), backend=backend))
     device = parts[0].device
     total = parts[0]
     for p in parts[1:]:

@@ -1,14 +1,12 @@
-"""The lm_head gradient energy of a step: measured once, on the path decided once.
+"""The lm_head gradient energy of a step, and the clip that shares its read.
 
-:class:`EnergyMeter` owns everything between "the gradients exist" and "the gate gets a number":
+:class:`EnergyMeter` owns everything between "the gradients exist" and "the gate gets a number", on the path the
+optimizer's :class:`~dgg_fused.plan.Plan` fixed at construction:
 
-* **The path**, decided at construction (:meth:`EnergyMeter.__init__`: a bad or unavailable ``backend=`` raises
-  there, before any rollout is paid for) and kept per parameter set: the resolved backend (``dgg_fused.ops``), and
-  whether the energy is handed to the gate as Triton stage-1 *partial sums* (CUDA + Triton: the gate's fused
-  epilogue adds them, two launches per gated step) or as a 0-d tensor. DTensor gradients and an energy group take
-  the global reduction of :mod:`dgg_fused.distributed`.
-* **The measurement** (:meth:`measure`), with a GradScaler's scale carried along (:class:`Energy`): the gate
-  divides by ``scale**2`` itself (the fused epilogue in the same launch).
+* **The measurement** (:meth:`EnergyMeter.measure`): the plan's kernel over the lm_head gradients, as Triton stage-1
+  *partial sums* when the plan says so (the gate's fused epilogue adds them: two launches per gated step), or as a
+  0-d tensor; the global reduction of :mod:`dgg_fused.distributed` when the plan says the energy is global. A
+  GradScaler's scale is carried along (:class:`Energy`): the gate divides by ``scale**2`` itself.
 * **A recorded energy** (:meth:`record`): measured earlier (e.g. before ``clip_grad_norm_``), used at the next step
   unless the gradients it was measured on are gone (``model.zero_grad()``, a step skipped elsewhere): then the step
   measures again instead of judging a stale value.
@@ -16,15 +14,15 @@
   lm_head parameters measure the energy during backward, as soon as the last lm_head gradient of that backward is
   accumulated (on CUDA on a side stream), so the read overlaps the rest of backward. The step uses that measurement
   only if every lm_head gradient is still the tensor it read, unchanged since (same ``Tensor._version``); else it
-  measures again. A hook measurement is therefore always the energy the step itself would have measured.
-* **Clipping** (:meth:`clip_`): total-norm clipping that reuses the lm_head energy, the other gradients read once;
-  it returns the clip coefficient, which the optimizer may fold into a fused optimizer's ``grad_scale`` instead of
-  scaling the gradients.
+  measures again. Writes that bypass the version counter (``p.grad.data.mul_(...)``) are not seen: call
+  :meth:`~dgg_fused.GatedOptimizer.record_energy` after them (docs/design.md).
+* **Clipping and its fold** (:meth:`for_step`, :meth:`clip_`): total-norm clipping that reuses the lm_head energy,
+  the other gradients read once; the clip coefficient is either applied to the gradients or folded into a fused
+  optimizer's ``grad_scale``.
 
-The eager path caches the plan per parameter set (the lm_head / all-parameter lists, the resolved backend, the
-device grouping), so a step costs the kernel calls plus a list of ``p.grad`` reads. The plan is rebuilt when the
-parameter groups change or a gradient appears or disappears; gradients reallocated by ``zero_grad(set_to_none=True)``
-are simply re-read each step. Under ``torch.compile`` nothing is cached: the traced code builds its lists itself.
+The clip's gradient lists are cached per parameter set (``_ClipPlan``): rebuilt when the parameter groups change or
+a gradient appears or disappears; gradients reallocated by ``zero_grad(set_to_none=True)`` are re-read each step.
+Under ``torch.compile`` nothing is cached: the traced code builds its lists itself.
 """
 
 from __future__ import annotations
@@ -34,15 +32,16 @@ import functools
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
 from .distributed import global_grad_sumsq, is_dtensor
 from .gate.reference import energy_from
 from .ops import kernel, resolve_backend
+from .plan import Plan
 
-__all__ = ["Energy", "EnergyMeter"]
+__all__ = ["Energy", "EnergyMeter", "StepEnergy"]
 
 
 @dataclass(frozen=True)
@@ -64,29 +63,35 @@ class Energy:
         return energy_from(self.value, self.grad_scale)
 
 
+class StepEnergy(NamedTuple):
+    """What :meth:`EnergyMeter.for_step` measured for one step: the gate's ``energy`` (None for a rule that reads
+    none), the pre-clip total gradient norm ``grad_norm`` (None without ``max_grad_norm``) and the ``grad_scale``
+    for the inner step (the GradScaler's, or the folded clip coefficient; None for none)."""
+
+    energy: Energy | None
+    grad_norm: torch.Tensor | None
+    inner_scale: torch.Tensor | None
+
+
 class EnergyMeter:
     """Measures the energy of ``params``' gradients (the lm_head) for a :class:`~dgg_fused.GatedOptimizer`.
 
     Args:
-        params: the lm_head parameters (one device).
-        backend: ``"auto"`` or a name of :data:`dgg_fused.ops.BACKENDS`; resolved here (``ValueError`` for an
-            unknown name, ``RuntimeError`` for one unavailable on the parameters' device).
+        params: the lm_head parameters (one device); empty for a gate without an lm_head (the clip reads every
+            gradient then).
+        plan: the optimizer's plan (kernel, partial sums, global reduction); replaced by :meth:`set_plan`.
         group: process group over which plain (non-DTensor) lm_head gradients are partitioned, or None.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], *, backend: str = "auto", group: Any = None) -> None:
-        if not isinstance(backend, str):
-            raise ValueError(f"backend must be a string, got {type(backend).__name__}")
+    def __init__(self, params: Sequence[torch.Tensor], plan: Plan, *, group: Any = None) -> None:
         self.params = list(params)
-        self.backend = backend
+        self.plan = plan
         self.group = group
         self._pending: _Recording | None = None
         self._clip_plan: _ClipPlan | None = None
         self._hook: _EnergyHook | None = None
         self._hook_wanted = False
         self._hook_warned: set[str] = set()
-        if self.params:
-            self._plan_for(self.params[0].device, tuple(p.dtype for p in self.params))
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy starts without a recorded energy (tied by weak references to these gradients), without a cached
@@ -94,29 +99,13 @@ class EnergyMeter:
         return {**self.__dict__, "_pending": None, "_clip_plan": None, "_hook": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = {"_hook": None, "_hook_wanted": False, "_hook_warned": set(), **state}  # older copies lack these
         self.__dict__.update(state)
         if self._hook_wanted:
             self.attach_hook()
 
-    @classmethod
-    def for_clip(cls, *, backend: str = "auto") -> "EnergyMeter":
-        """A meter with no lm_head, for clipping only (a drift-only gate)."""
-        return cls([], backend=backend)
-
-    # ------------------------------------------------------------------ the path, decided once per parameter set
-    def _plan_for(self, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
-        name = resolve_backend(self.backend, device, dtypes)
-        self._device, self._dtypes, self._name = device, dtypes, name
-        return name
-
-    @property
-    def resolved_backend(self) -> str:
-        """The backend the lm_head energy is computed with (``backend="auto"`` resolved)."""
-        return self._name
-
-    def set_group(self, group: Any) -> None:
-        self.group = group
+    def set_plan(self, plan: Plan, group: Any = None) -> None:
+        """Use a new plan (the energy group changed, or the lm_head moved)."""
+        self.plan, self.group = plan, group
         self._clip_plan = None
 
     def grads(self) -> list[torch.Tensor]:
@@ -134,23 +123,26 @@ class EnergyMeter:
     def measure(self, grad_scale: torch.Tensor | None = None, *, partials: bool = True) -> Energy:
         """The energy of the current lm_head gradients (no host sync). ``partials=False`` forces a 0-d value."""
         grads = self.grads()
-        if torch.compiler.is_compiling():  # the traced path: no cache look-ups, the resolved op directly
-            return Energy(kernel(self._name)(grads), grad_scale)
-        if self.group is not None or any(is_dtensor(g) for g in grads):
-            return Energy(global_grad_sumsq(grads, backend=self.backend, group=self.group), grad_scale)
+        plan = self.plan
+        if torch.compiler.is_compiling():  # the traced path: no look-ups, the planned op directly
+            return Energy(kernel(plan.energy_backend)(grads), grad_scale)
+        if plan.global_energy:
+            return Energy(global_grad_sumsq(grads, backend=plan.backend, group=self.group), grad_scale)
         for g in grads:
             if g.layout != torch.strided:
                 raise TypeError(f"the lm_head gradient is {g.layout}: the energy needs dense (strided) gradients")
-        dtypes = tuple(g.dtype for g in grads)
-        device = grads[0].device
-        name = self._name if (device == self._device and dtypes == self._dtypes) else self._plan_for(device, dtypes)
-        if partials and name == "triton":  # stage 1 only: the gate's epilogue adds the partials (2 launches a step)
-            return Energy(torch.ops.dgg_fused.sumsq_partials_triton(grads), grad_scale)
+        name = plan.energy_backend
+        if grads[0].device != plan.device or any(g.dtype not in plan.energy_dtypes for g in grads):
+            # the lm_head moved (the optimizer follows it after this measurement), or gradients of another dtype
+            # than their parameters (assigned by hand): the resolver picks for these gradients
+            name = resolve_backend(plan.backend, grads[0].device, tuple(g.dtype for g in grads))
+        if partials and plan.partials and name == "triton":
+            return Energy(kernel(name, partials=True)(grads), grad_scale)
         return Energy(kernel(name)(grads), grad_scale)
 
     # ------------------------------------------------------------------ a recorded energy
     def record(self, energy: Energy) -> None:
-        """Keep ``energy`` for the next :meth:`take`, tied to the gradient tensors present now."""
+        """Keep ``energy`` for the next step, tied to the gradient tensors present now."""
         self._pending = _Recording(energy, self._grad_refs())
 
     def _grad_refs(self) -> tuple:
@@ -159,23 +151,23 @@ class EnergyMeter:
     def discard(self) -> None:
         self._pending = None
 
-    def take(self) -> Energy | None:
-        """The recorded energy if the lm_head gradients are still the tensors it was measured on, else None (a
-        stale recording is dropped). Clears it either way."""
-        return self.take_for_step()[0]
+    @property
+    def pending(self) -> "_Recording | None":
+        """The measurement the next step would consider (recorded, or made by the hook), or None."""
+        return self._pending
 
-    def take_for_step(
+    def take(
         self, grad_scale: torch.Tensor | None = None, *, scaler_unscaled: bool = False
     ) -> tuple[Energy | None, bool]:
-        """:meth:`take` for a step: ``(energy, current)``, clearing the recording either way.
+        """The pending measurement for this step, as ``(energy, current)``; clears it either way.
 
-        A :meth:`record`-ed energy is returned as recorded, with ``current=False`` (it may predate changes of the
-        gradient values, e.g. by a clip). A hook measurement (:meth:`attach_hook`) is returned only if the gradients
-        are the same tensors *with the same values* (``Tensor._version`` unchanged) and ``scaler_unscaled`` is
-        false (a GradScaler that unscaled the gradients in place does not bump their versions); it then carries
-        ``grad_scale`` (the hook measured the gradients as backward left them) and ``current=True``: it is exactly
-        what :meth:`measure` would return now. On CUDA the current stream is made to wait for the side stream's
-        read (no host sync).
+        A :meth:`record`-ed energy is returned as recorded if the lm_head gradients are still the tensors it was
+        measured on, with ``current=False`` (it may predate changes of the gradient values, e.g. by a clip). A hook
+        measurement (:meth:`attach_hook`) is returned only if the gradients are the same tensors *with the same
+        values* (``Tensor._version`` unchanged) and ``scaler_unscaled`` is false (a GradScaler that unscaled the
+        gradients in place does not bump their versions); it then carries ``grad_scale`` (the hook measured the
+        gradients as backward left them) and ``current=True``: it is exactly what :meth:`measure` would return
+        now. On CUDA the current stream is made to wait for the side stream's read (no host sync).
         """
         rec = self._pending
         self._pending = None
@@ -198,6 +190,53 @@ class EnergyMeter:
             value.record_stream(stream)
         return Energy(value, grad_scale), True
 
+    # ------------------------------------------------------------------ one step's measurements
+    @torch.no_grad()
+    def for_step(
+        self,
+        *,
+        given: Energy | None,
+        need_energy: bool,
+        scaler_scale: torch.Tensor | None,
+        scaler_unscaled: bool,
+        param_groups: list[dict[str, Any]],
+        max_grad_norm: float | None,
+        fold: bool,
+    ) -> StepEnergy:
+        """Everything one step measures, each gradient read once.
+
+        The gate's energy (``need_energy``): ``given`` (an energy measured elsewhere, used as is), else the pending
+        measurement (:meth:`take`), else :meth:`measure`. With ``max_grad_norm``: the total-norm clip
+        (:meth:`clip_`), which reuses the energy when it is current (a recorded one may predate changes such as an
+        unscaling: the lm_head is measured afresh then). ``fold``: instead of scaling the gradients, hand the clip
+        coefficient to a fused inner step as ``grad_scale = scaler_scale / coef`` (``1 / coef`` without a scaler):
+        the kernel divides every gradient by it, one pass over the gradients less (equal to clipping up to rounding;
+        docs/design.md).
+        """
+        if given is not None:
+            self._pending = None
+            recorded, current = given, False
+        else:
+            recorded, current = self.take(scaler_scale, scaler_unscaled=scaler_unscaled)
+        energy = None
+        if need_energy:
+            if recorded is None:
+                recorded, current = self.measure(scaler_scale), True
+            energy = recorded
+        if max_grad_norm is None:
+            return StepEnergy(energy, None, scaler_scale)
+        if not self.params:  # no lm_head singled out: the clip reads every gradient as "the rest"
+            lm = torch.zeros((), dtype=torch.float32, device=self.plan.device)
+        elif energy is not None and current:
+            lm = energy.total()
+        else:
+            lm = self.measure(scaler_scale, partials=False).total()
+        norm, coef = self.clip_(lm, param_groups, max_grad_norm, scaler_scale, apply=not fold)
+        inner_scale = scaler_scale
+        if fold:  # the fused kernel divides every gradient by grad_scale: dividing by 1/coef is the clip
+            inner_scale = (1.0 / coef) if scaler_scale is None else scaler_scale.to(coef.device) / coef
+        return StepEnergy(energy, norm, inner_scale)
+
     # ------------------------------------------------------------------ the energy hook
     @property
     def hooked(self) -> bool:
@@ -211,7 +250,7 @@ class EnergyMeter:
         its gradient accumulated (``torch._C._will_engine_execute_node`` tells which ones it reaches), over all the
         lm_head gradients present (the same list :meth:`measure` reads, so the same bits). On CUDA the read runs on
         a side stream that first waits for the current (backward) stream; the gradients are marked used by the side
-        stream (``record_stream``) and an event is recorded for :meth:`take_for_step`. The hooks hold only a weak
+        stream (``record_stream``) and an event is recorded for :meth:`take`. The hooks hold only a weak
         reference to this meter and are removed when it is garbage collected (or by :meth:`detach_hook`).
         The hooks do not measure inside :meth:`pause_hook`; nor (a one-time warning gives the reason) for DTensor
         gradients, with an energy group, in a multi-process run (DDP/FSDP may still reduce the gradient in place
@@ -246,7 +285,7 @@ class EnergyMeter:
     def _hook_skip_reason(self, grads: list[torch.Tensor]) -> str | None:
         if torch.compiler.is_compiling():
             return "the backward runs under torch.compile (compiled autograd)"
-        if self.group is not None or any(is_dtensor(g) for g in grads):
+        if self.plan.global_energy:
             return ("the energy is a global reduction (an energy group or DTensor gradients): a collective issued "
                     "from inside backward could interleave with the gradient collectives in a different order on "
                     "each rank")
@@ -302,14 +341,14 @@ class EnergyMeter:
         ``apply=False`` leaves the gradients as they are (the caller folds ``coef`` into a fused optimizer's
         ``grad_scale``)."""
         if torch.compiler.is_compiling():
-            plan = _ClipPlan.build(param_groups, self.params, self.backend)
+            plan = _ClipPlan.build(param_groups, self.params, self.plan.backend)
         else:
             plan = self._clip_plan
             if plan is None or not plan.valid_for(param_groups):
-                plan = self._clip_plan = _ClipPlan.build(param_groups, self.params, self.backend)
+                plan = self._clip_plan = _ClipPlan.build(param_groups, self.params, self.plan.backend)
         grads = plan.grads()
         if grads is None:  # a gradient appeared or disappeared since the plan: rebuild it once
-            plan = self._clip_plan = _ClipPlan.build(param_groups, self.params, self.backend)
+            plan = self._clip_plan = _ClipPlan.build(param_groups, self.params, self.plan.backend)
             grads = plan.grads()
         total = lm_energy.to(torch.float32)
         rest = plan.rest_sumsq(grads)

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .lm_head import is_tied
+from .lm_head import is_tied, params_of
 
 __all__ = ["DWDMonitor", "classify_parameters", "GROUP_ORDER", "HarmOracle", "TripEffect", "auc", "signal_auc",
            "trip_effect", "trip_steps"]
@@ -96,15 +96,15 @@ def classify_parameters(model: nn.Module, lm_head: Iterable[torch.Tensor] = ()) 
     return {g: ps for g, ps in groups.items() if ps}
 
 
-def _lm_head_weight(lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
-    if isinstance(lm_head, nn.Module):
-        w = getattr(lm_head, "weight", None)
-        if not isinstance(w, torch.Tensor):
-            raise ValueError(f"lm_head module {type(lm_head).__name__} has no weight tensor")
-        return w
-    if isinstance(lm_head, torch.Tensor):
-        return lm_head
-    raise TypeError(f"lm_head must be an nn.Module or a Parameter, got {type(lm_head).__name__}")
+def _lm_head_weight(lm_head: nn.Module | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the output projection's weight, all its parameters): a module with a ``weight``, or that weight."""
+    if not isinstance(lm_head, (nn.Module, torch.Tensor)):
+        raise TypeError(f"lm_head must be an nn.Module or a Parameter, got {type(lm_head).__name__}")
+    params = params_of(lm_head)  # the one normaliser (it also refuses a whole model)
+    w = getattr(lm_head, "weight", None) if isinstance(lm_head, nn.Module) else lm_head
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"lm_head module {type(lm_head).__name__} has no weight tensor")
+    return w, params
 
 
 class DWDMonitor:
@@ -143,11 +143,10 @@ class DWDMonitor:
             if lm_head is None:
                 raise ValueError("DWDMonitor: pass lm_head= (the model has no get_output_embeddings())")
         self.model = model
-        self.lm_head_weight = _lm_head_weight(lm_head)
+        self.lm_head_weight, head_params = _lm_head_weight(lm_head)
         self.tied = is_tied(model, self.lm_head_weight)
         vocab = self.lm_head_weight.shape[0]
         if groups is None:
-            head_params = list(lm_head.parameters()) if isinstance(lm_head, nn.Module) else [self.lm_head_weight]
             groups = classify_parameters(model, head_params)
         self.groups: dict[str, list[torch.Tensor]] = {g: list(ps) for g, ps in groups.items()}
         if used_rows is None:
@@ -356,15 +355,26 @@ class TripEffect:
     random_delta: float
 
 
+def _new_occurrence(steps: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Per step: does it start a new occurrence of a batch? A batch's steps are contiguous; a first-pass step after
+    a reuse step starts a new occurrence even when its id repeats (epochs)."""
+    out, prev = [], None
+    for s in steps:
+        b, k = s["batch"], int(s["reuse_index"])
+        out.append(prev is None or b != prev[0] or (k == 1 and prev[1] > 1))
+        prev = (b, k)
+    return out
+
+
 def trip_steps(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> list[int]:
     """Where the rule "on a reuse step, trip when ``signal > threshold``" trips in a recorded (never-gated) run:
     the indices into ``steps`` (dicts with ``batch``, ``reuse_index`` and the signal, in step order) of each
-    batch's first reuse step whose signal exceeds ``threshold`` (a trip ends reuse of its batch)."""
-    tripped: set[Any] = set()
-    out = []
-    for i, s in enumerate(steps):
-        if s["batch"] not in tripped and int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
-            tripped.add(s["batch"])
+    batch occurrence's first reuse step whose signal exceeds ``threshold`` (a trip ends reuse of the batch)."""
+    out, stopped = [], False
+    for i, (s, new) in enumerate(zip(steps, _new_occurrence(steps))):
+        stopped = stopped and not new
+        if not stopped and int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
+            stopped = True
             out.append(i)
     return out
 
@@ -372,15 +382,18 @@ def trip_steps(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float
 def trip_effect(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> TripEffect:
     """:class:`TripEffect` of the rule "on a reuse step, trip when ``signal > threshold``" over ``steps`` (dicts
     with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order; the trips: :func:`trip_steps`)."""
-    trips = trip_steps(steps, signal, threshold)
-    first = {steps[i]["batch"]: i for i in trips}
-    removed = [s for i, s in enumerate(steps) if s["batch"] in first and i >= first[s["batch"]]]
+    trips = set(trip_steps(steps, signal, threshold))
+    stopped = False
+    removed = 0
     removed_delta = 0.0
-    for s in removed:
-        removed_delta += float(s["delta"])
+    for i, (s, new) in enumerate(zip(steps, _new_occurrence(steps))):
+        stopped = (stopped and not new) or i in trips
+        if stopped:
+            removed += 1
+            removed_delta += float(s["delta"])
     rs = _reuse_steps(steps)
     mean_reuse = statistics.fmean(float(s["delta"]) for s in rs) if rs else 0.0
-    return TripEffect(len(trips), len(removed), removed_delta, len(removed) * mean_reuse)
+    return TripEffect(len(trips), removed, removed_delta, removed * mean_reuse)
 
 
 class HarmOracle:

@@ -1,24 +1,28 @@
 """GatedOptimizer: Dynamic Gradient Gating around any ``torch.optim.Optimizer``.
 
-Design (docs/design.md has the long form):
+This class is the Optimizer contract and the reuse bookkeeping; it asks the others (docs/design.md has the map):
 
-* **Exact skip without a host sync.** Torch's fused Adam/AdamW/SGD/Adagrad read a 0-d float32 ``found_inf``
-  tensor (the GradScaler protocol) and, when it is exactly 1.0, skip their whole update on the device and undo
-  their ``step`` increment. The gate writes its decision into such a tensor, combined by ``max`` with a
-  GradScaler's own ``found_inf``, so a gated step leaves parameters and optimizer state bit-identical and the
-  host never waits for the device. Optimizers without the protocol take a host-side decision: one sync on reuse
-  passes (k > 1) only, with a one-time warning.
-* **The wrapper contract.** ``param_groups``, ``state`` and ``defaults`` are properties that always read the inner
-  optimizer's current objects, so LR schedulers keep reaching the inner optimizer even after
-  ``inner.load_state_dict`` replaced its groups (accelerate does this round trip at ``prepare`` time). The gate's
-  own state lives under the ``"dgg"`` key of :meth:`state_dict`.
+* :mod:`dgg_fused.plan` — every choice of the step (kernels, gate implementation, skip path), made once here;
+* :mod:`dgg_fused.energy` — the step's lm_head energy and the clip that shares its read;
+* :mod:`dgg_fused.gate` — the rule, on a device-resident :class:`~dgg_fused.gate.GateState`;
+* :mod:`dgg_fused.skip` — the exact-skip protocol (``found_inf`` on the device, or the host), and the inner step.
+
+**The wrapper contract.** ``param_groups``, ``state`` and ``defaults`` are properties that always read the inner
+optimizer's current objects, so LR schedulers keep reaching the inner optimizer even after ``inner.load_state_dict``
+replaced its groups (accelerate does this round trip at ``prepare`` time). The gate's own state lives under the
+``"dgg"`` key of :meth:`~GatedOptimizer.state_dict`.
+
+**The seam for engines.** :meth:`~GatedOptimizer.step` is :meth:`~GatedOptimizer.decide_` (measure, clip, update
+the gate: a :class:`~dgg_fused.skip.StepDecision`) then :meth:`~GatedOptimizer.apply_` (the inner step under it).
+An engine that steps its client optimizer several times per training step (DeepSpeed ZeRO) decides once and
+applies the decision to every call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -26,15 +30,12 @@ from torch import nn
 from . import checkpoint
 from .config import DRIFT_STATS, GateConfig, is_int, is_real
 from .energy import Energy, EnergyMeter
-from .ops import BACKENDS
-from .gate import GateState, impl_for_backend, impl_for_config, resolve_impl, step_resolved_
+from .gate import GateState, gate_step_
+from .lm_head import params_of
+from .plan import SKIP_MODES, Plan, check_clip_backend, make_plan
+from .skip import HOST_PATH_WARNING, StepDecision, apply_, decide, fused_sgd_unprimed
 
-__all__ = ["GatedOptimizer", "SKIP_MODES"]
-
-#: ``"auto"``: the sync-free ``found_inf`` path when the inner optimizer supports it, else the host path.
-#: ``"found_inf"``: require the sync-free path (``ValueError`` at construction if unsupported).
-#: ``"host"``: always decide on the host (one sync per reuse-pass step); works with any optimizer.
-SKIP_MODES = ("auto", "found_inf", "host")
+__all__ = ["GatedOptimizer", "SKIP_MODES", "StepDecision"]
 
 _BASE_ATTRS: dict[str, Any] = {}
 
@@ -53,58 +54,6 @@ def _optimizer_base_attrs() -> dict[str, Any]:
         probe = _Probe([torch.zeros(1, requires_grad=True)], {})
         _BASE_ATTRS.update({k: v for k, v in vars(probe).items() if k not in ("param_groups", "state", "defaults")})
     return _BASE_ATTRS
-
-
-def _lm_head_params(lm_head: Any) -> list[torch.Tensor]:
-    if isinstance(lm_head, nn.Module):
-        params = list(lm_head.parameters())
-        what = f"module {type(lm_head).__name__}"
-        n_mod = sum(1 for m in lm_head.modules() if any(True for _ in m.parameters(recurse=False)))
-        if n_mod > 3:  # an output projection is a module or two (weight, bias, maybe a norm); not a whole model
-            raise ValueError(
-                f"lm_head= is a {type(lm_head).__name__} with parameters in {n_mod} modules: pass the output "
-                "projection (e.g. model.lm_head, or dgg_fused.find_lm_head(model)), not the whole model"
-            )
-    elif isinstance(lm_head, torch.Tensor):
-        params, what = [lm_head], "tensor"
-    elif isinstance(lm_head, (str, bytes, dict)) or not isinstance(lm_head, Iterable):
-        raise TypeError(
-            "lm_head= must be an nn.Module, a Parameter or an iterable of Parameters, "
-            f"got {type(lm_head).__name__}"
-        )
-    else:
-        params = list(lm_head)
-        what = "iterable"
-        for p in params:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"lm_head= iterable must hold Parameters, found {type(p).__name__}")
-    uniq: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            uniq.append(p)
-    if not uniq:
-        raise ValueError(f"lm_head= ({what}) has no parameters")
-    for p in uniq:
-        if not p.requires_grad:
-            raise ValueError(f"lm_head parameter of shape {tuple(p.shape)} does not require grad: nothing to gate")
-    devices = {p.device for p in uniq}
-    if len(devices) > 1:
-        raise ValueError(f"lm_head parameters must live on one device, got {sorted(map(str, devices))}")
-    return uniq
-
-
-class StepDecision(NamedTuple):
-    """How the inner step of one :meth:`GatedOptimizer.step` runs (returned by :meth:`GatedOptimizer.decide_`).
-
-    ``run_inner``: False when the host path decided to skip it; ``found_inf``: the 0-d float32 device flag handed
-    to a fused optimizer (1.0 = skip on the device; None on the host path without a GradScaler); ``grad_scale``: the
-    scale handed with it (the GradScaler's, or the folded clip coefficient's; None for none)."""
-
-    run_inner: bool
-    found_inf: torch.Tensor | None
-    grad_scale: torch.Tensor | None
 
 
 class _HostStopFlag:
@@ -167,51 +116,24 @@ class GatedOptimizer(torch.optim.Optimizer):
                 opt.zero_grad()
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` holding the lm_head parameters. ``fused=True`` Adam, AdamW,
-            SGD and Adagrad take the sync-free path.
-        lm_head: the output projection: an ``nn.Module`` (all its parameters), a ``Parameter``, or an iterable
-            of Parameters. :func:`dgg_fused.find_lm_head` finds it in Hugging Face models. May be None only with
-            ``config.energy=False`` (a drift-only gate reads no lm_head).
-        config: a :class:`GateConfig`; defaults to ``GateConfig()`` (the paper's lm_head-energy rule). With
-            ``config.drift`` set, hand the gate each step's drift statistics with :meth:`record_drift`.
+        optimizer: any ``torch.optim.Optimizer`` holding the lm_head parameters. ``fused=True`` Adam, AdamW, SGD
+            and Adagrad take the sync-free path (README, "Exact skip, no host sync").
+        lm_head: the output projection: an ``nn.Module``, a ``Parameter`` or an iterable of Parameters
+            (:func:`dgg_fused.find_lm_head` finds it). None only with ``config.energy=False``.
+        config: a :class:`GateConfig` (default ``GateConfig()``, the paper's rule).
         skip_mode: one of :data:`SKIP_MODES`.
-        backend: ``"auto"`` or one of :data:`dgg_fused.ops.BACKENDS`: the kernels of the energy *and* of the gate
-            update (``"torch"``: the float64 reference energy and the reference rule; ``"cpp"``/``"cuda"``/
-            ``"triton"``: that kernel and that gate twin). Resolved here: unknown names raise ``ValueError``, names
-            unavailable on the lm_head's device ``RuntimeError``.
-        energy_group: process group of a hand-sharded (vocab-parallel) lm_head, see :mod:`dgg_fused.distributed`
-            (also settable later as :attr:`energy_group`).
-        max_grad_norm: if set, clip the total gradient norm (all parameters, L2) to this value inside
-            :meth:`step`, the way ``torch.nn.utils.clip_grad_norm_`` does (multiply by the clamped coefficient
-            ``min(1, max_grad_norm / (norm + 1e-6))``, on the device, no host sync). It shares the gate's pass: the
-            lm_head gradients are read once for both. The gate sees the pre-clip energy. Unscaled norm under a
-            GradScaler. The pre-clip norm of the last step is :attr:`grad_norm`.
-        fold_clip: with ``max_grad_norm``, on the sync-free path (a fused optimizer that honours ``found_inf``),
-            hand the clip coefficient to the fused kernel as ``grad_scale = scaler_scale / coef`` (``1 / coef``
-            without a GradScaler) instead of multiplying every gradient by ``coef`` first: one pass over all the
-            gradients less. The kernel divides by that scale, so parameters differ from ``clip_grad_norm_`` + step
-            by rounding only (division by ``1/coef`` instead of multiplication by ``coef``; see docs/design.md).
-            The fused kernel writes the gradient it used back into ``.grad`` (clipped, unscaled) on a step it
-            applies; on a skipped step ``.grad`` is left unclipped. Elsewhere (host path, non-fused optimizers) the
-            gradients are scaled in place as with ``fold_clip=False``.
-        energy_hook: measure the lm_head energy in post-accumulate-grad hooks during backward (on CUDA on a side
-            stream) instead of inside :meth:`step`, so the read overlaps the rest of backward. The step uses the
-            hook's measurement only when it is exactly what the step would measure (the same gradient tensors,
-            unchanged since: ``Tensor._version``; a GradScaler that unscaled them in place makes the step measure
-            again), so results do not change. Gradient accumulation: every backward measures its accumulated
-            gradient and the last one counts; run the non-final micro-batches' backward inside
-            :meth:`accumulating` to skip their reads. Only on the sync-free path (elsewhere a GradScaler unscales
-            the gradients in place without telling this optimizer): with another optimizer, or
-            ``skip_mode="host"``, a warning says so and the step measures. Distributed energies (DTensor, energy
-            group, multi-process runs) and CUDA graph captures are measured in the step (a one-time warning says
-            why). The hooks hold this optimizer weakly and go away with it.
+        backend: ``"auto"`` or a name of :data:`dgg_fused.ops.BACKENDS`: the kernels of the energy, of the gate
+            update and of the clip.
+        energy_group: process group of a hand-sharded (vocab-parallel) lm_head (:mod:`dgg_fused.distributed`).
+        max_grad_norm: clip the total gradient norm (all parameters) to this value inside :meth:`step`, sharing
+            the gate's read; the pre-clip norm is :attr:`grad_norm`.
+        fold_clip: with ``max_grad_norm`` on the sync-free path, fold the clip coefficient into the fused kernel's
+            ``grad_scale`` (one pass over the gradients less; equal to clipping up to rounding).
+        energy_hook: measure the lm_head energy during backward (post-accumulate-grad hooks; on CUDA a side
+            stream), used only when it is what the step would measure (docs/design.md).
 
-    Raises:
-        TypeError: ``optimizer`` is not an Optimizer (or is already gated, or needs closure re-evaluation like
-            LBFGS); ``lm_head`` is of the wrong type.
-        ValueError: an lm_head parameter is not in ``optimizer``, does not require grad, or the config is bad;
-            ``lm_head`` is a whole model; ``backend`` is unknown.
-        RuntimeError: ``backend`` is not available for the lm_head's device.
+    The plan of every step is resolved here (:attr:`plan`): an unknown ``backend`` or ``skip_mode`` raises
+    ``ValueError``, an unavailable ``backend`` ``RuntimeError``, a bad ``lm_head`` ``TypeError`` / ``ValueError``.
     """
 
     def __init__(
@@ -237,43 +159,14 @@ class GatedOptimizer(torch.optim.Optimizer):
             config = GateConfig()
         if not isinstance(config, GateConfig):
             raise TypeError(f"config must be a GateConfig, got {type(config).__name__}")
-        if skip_mode not in SKIP_MODES:
-            raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
-        if lm_head is None:
-            if config.energy:
-                raise TypeError("lm_head= is required by the lm_head-energy rule (GateConfig.energy=True)")
-            params = []
-        else:
-            params = _lm_head_params(lm_head)
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for p in params:
-            if id(p) not in in_opt:
-                raise ValueError(
-                    f"lm_head parameter of shape {tuple(p.shape)} is not among the optimizer's parameters; "
-                    "build the optimizer from the same model's parameters"
-                )
-        if skip_mode == "found_inf" and not _supports_found_inf(optimizer):
-            raise ValueError(
-                f"skip_mode='found_inf' needs an optimizer that honours found_inf (torch Adam/AdamW/SGD/Adagrad "
-                f"with fused=True); {type(optimizer).__name__} does not"
-            )
-        if max_grad_norm is not None:
-            if not is_real(max_grad_norm) or not (0.0 < float(max_grad_norm) < float("inf")):
-                raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
-            max_grad_norm = float(max_grad_norm)
+        params = _lm_head_params(lm_head, optimizer, config)
         if energy_group is not None:
             _check_group(energy_group)
-        if not isinstance(fold_clip, bool):
-            raise TypeError(f"fold_clip must be a bool, got {type(fold_clip).__name__}")
         if not isinstance(energy_hook, bool):
             raise TypeError(f"energy_hook must be a bool, got {type(energy_hook).__name__}")
         if energy_hook and not params:
             raise ValueError("energy_hook=True measures the lm_head energy: it needs lm_head= (GateConfig.energy)")
-        device = params[0].device if params else _first_device(optimizer)
-        # backend= is resolved here, for the energy and for the gate: a bad or unavailable name raises now
-        backend = _known_backend(backend)
-        energy = EnergyMeter(params, backend=backend, group=energy_group) if params else None
-        gate_impl = _gate_impl_for(backend, config, device)
+        plan = make_plan(optimizer, config, params, backend=backend, skip_mode=skip_mode, energy_group=energy_group)
 
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state/defaults (delegated below).
         for k, v in _optimizer_base_attrs().items():
@@ -282,25 +175,25 @@ class GatedOptimizer(torch.optim.Optimizer):
 
         self.optimizer = optimizer
         self._config = config
-        self.skip_mode = skip_mode
-        self._backend = backend
-        self.max_grad_norm = max_grad_norm
-        self._grad_norm: torch.Tensor | None = None
-        self._lm_head = params
-        self._energy = energy
+        self._skip_mode = skip_mode
+        self._plan = plan
         self._energy_group = energy_group
+        self._meter = EnergyMeter(params, plan, group=energy_group)
+        self._max_grad_norm: float | None = None
+        self._fold_clip = False
+        self.max_grad_norm = max_grad_norm  # validated by the setters
+        self.fold_clip = fold_clip
+        self._grad_norm: torch.Tensor | None = None
         self._pending_drift: dict[str, torch.Tensor] = {}
-        self._gate_impl = gate_impl
-        self._gate = GateState.create(config.window, device)
+        self._gate = GateState.create(config.window, plan.device)
         self._reuse_index = 1
         self._reuse_index_set = False
-        self._in_passes = False
+        self._passes_ticket = 0
         self._warned_host_path = False
         self._warned_no_reuse_index = False
-        self._stop_flag = _HostStopFlag(device)
-        self.fold_clip = fold_clip
-        if energy_hook and energy is not None:
-            if skip_mode == "host" or not _supports_found_inf(optimizer):
+        self._stop_flag = _HostStopFlag(plan.device)
+        if energy_hook:
+            if plan.skip_path != "found_inf":
                 warnings.warn(
                     f"GatedOptimizer(energy_hook=True): not used with {type(optimizer).__name__}"
                     f"{' and skip_mode=host' if skip_mode == 'host' else ' without fused=True'}: a GradScaler "
@@ -309,7 +202,7 @@ class GatedOptimizer(torch.optim.Optimizer):
                     stacklevel=2,
                 )
             else:
-                energy.attach_hook()
+                self._meter.attach_hook()
 
     # ------------------------------------------------------------------ delegation (the wrapper contract)
     @property
@@ -336,6 +229,37 @@ class GatedOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._replan()  # a group that is not fused changes the skip path
+        if self._max_grad_norm is not None:
+            check_clip_backend(self._plan.backend, self.optimizer)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler hands us grad_scale/found_inf attributes exactly when the inner optimizer would take them.
+        return self._plan.skip_path == "found_inf"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._discard_recorded()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        ps = self._meter.params
+        n = sum(p.numel() for p in ps)
+        return f"GatedOptimizer({self.optimizer!r},\n lm_head={len(ps)} tensor(s), {n} elements,\n {self.config})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Like torch's optimizers, a copy/pickle carries no per-instance patches of step() (an LR scheduler wraps
+        # the instance's step in a closure over *this* object: copied, it would step the original).
+        state = self.__dict__.copy()
+        state.pop("step", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)  # (not Optimizer.__setstate__: it would patch step() and edit the inner defaults)
+
+    # ------------------------------------------------------------------ settings
     @property
     def config(self) -> GateConfig:
         """The gate's :class:`GateConfig` (read-only: the gate state is shaped by it; build a new optimizer, or load a
@@ -350,9 +274,51 @@ class GatedOptimizer(torch.optim.Optimizer):
         )
 
     @property
+    def plan(self) -> Plan:
+        """The :class:`~dgg_fused.plan.Plan` every step follows (resolved at construction; read-only)."""
+        return self._plan
+
+    @property
     def backend(self) -> str:
-        """The ``backend=`` this optimizer was built with (read-only: it was resolved at construction)."""
-        return self._backend
+        """The ``backend=`` this optimizer was built with (read-only: :attr:`plan` holds what it resolved to)."""
+        return self._plan.backend
+
+    @property
+    def skip_mode(self) -> str:
+        """The ``skip_mode=`` this optimizer was built with (read-only: :attr:`plan` holds the skip path)."""
+        return self._skip_mode
+
+    @skip_mode.setter
+    def skip_mode(self, value: Any) -> None:
+        raise AttributeError(
+            "GatedOptimizer.skip_mode is read-only: the skip path was resolved at construction (opt.plan); "
+            "construct a new GatedOptimizer with the new skip_mode"
+        )
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Total-norm clipping inside :meth:`step` (None: off). Settable: a positive finite number or None."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: Any) -> None:
+        if value is not None:
+            if not is_real(value) or not (0.0 < float(value) < float("inf")):
+                raise ValueError(f"max_grad_norm must be a positive finite number or None, got {value!r}")
+            value = float(value)
+            check_clip_backend(self._plan.backend, self.optimizer)
+        self._max_grad_norm = value
+
+    @property
+    def fold_clip(self) -> bool:
+        """Fold the clip coefficient into a fused step's ``grad_scale`` (see the class docstring). Settable: a bool."""
+        return self._fold_clip
+
+    @fold_clip.setter
+    def fold_clip(self, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fold_clip must be a bool, got {type(value).__name__}")
+        self._fold_clip = value
 
     @property
     def energy_group(self) -> Any:
@@ -364,60 +330,37 @@ class GatedOptimizer(torch.optim.Optimizer):
         if group is not None:
             _check_group(group)
         self._energy_group = group
-        if self._energy is not None:
-            self._energy.set_group(group)
-
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        # GradScaler hands us grad_scale/found_inf attributes exactly when the inner optimizer would take them.
-        return self.skip_mode != "host" and _supports_found_inf(self.optimizer)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
+        self._replan()
 
     @property
     def energy_hook(self) -> bool:
         """Whether the lm_head energy is measured in post-accumulate-grad hooks (``energy_hook=True`` on the
         sync-free path; see the class docstring)."""
-        return self._energy is not None and self._energy.hooked
-
-    def accumulating(self) -> contextlib.AbstractContextManager[None]:
-        """Context for the backward passes of non-final micro-batches under gradient accumulation: with
-        ``energy_hook=True`` they do not measure the energy (only the last backward before :meth:`step` needs to).
-        Harmless otherwise; never needed for correctness (a gradient accumulated after a measurement makes it
-        stale, and the step then measures)::
-
-            for i, micro in enumerate(micro_batches):
-                with opt.accumulating() if i < len(micro_batches) - 1 else contextlib.nullcontext():
-                    loss_fn(model, micro).backward()
-            opt.step()
-        """
-        if self._energy is None:
-            return contextlib.nullcontext()
-        return self._energy.pause_hook()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._discard_recorded()
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __repr__(self) -> str:
-        n = sum(p.numel() for p in self._lm_head)
-        return f"GatedOptimizer({self.optimizer!r},\n lm_head={len(self._lm_head)} tensor(s), {n} elements,\n {self.config})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Like torch's optimizers, a copy/pickle carries no per-instance patches of step() (an LR scheduler wraps
-        # the instance's step in a closure over *this* object: copied, it would step the original).
-        state = self.__dict__.copy()
-        state.pop("step", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"fold_clip": False, **state})  # pickles from before fold_clip existed
+        return self._meter.hooked
 
     @property
     def lm_head_params(self) -> tuple[torch.Tensor, ...]:
         """The lm_head parameters whose gradient energy the gate watches (empty for a drift-only gate)."""
-        return tuple(self._lm_head)
+        return tuple(self._meter.params)
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """Total gradient L2 norm (unscaled, before clipping) of the last :meth:`step` with ``max_grad_norm``; 0-d
+        float32 device tensor (what ``clip_grad_norm_`` returns), or None."""
+        return self._grad_norm
+
+    def _replan(self, device: torch.device | None = None) -> None:
+        self._plan = make_plan(
+            self.optimizer, self._config, self._meter.params, backend=self._plan.backend,
+            skip_mode=self._skip_mode, energy_group=self._energy_group, device=device or self._plan.device,
+        )  # fmt: skip
+        self._meter.set_plan(self._plan, self._energy_group)
+
+    def _follow_device(self, device: torch.device) -> None:
+        """The lm_head moved (e.g. ``model.cuda()`` after construction): the gate state follows it."""
+        self._replan(device)
+        self._gate.to(device)
+        self._stop_flag = _HostStopFlag(device)
 
     # ------------------------------------------------------------------ reuse bookkeeping
     @property
@@ -444,7 +387,8 @@ class GatedOptimizer(torch.optim.Optimizer):
 
     @property
     def reuse_stopped(self) -> bool:
-        """True once the gate has tripped on the current batch: get fresh rollouts.
+        """True once the gate has tripped on the current batch: get fresh rollouts (never, with
+        ``action="watch"``).
 
         Read from a host copy that :meth:`step` made asynchronously, so it never stalls the device. On CUDA it can
         lag behind steps still queued on the GPU (those steps are skipped on the device regardless, so a late
@@ -462,36 +406,44 @@ class GatedOptimizer(torch.optim.Optimizer):
 
         ``for k in opt.passes(): ...`` is the loop of the README: it calls :meth:`set_reuse_index` for you.
         ``block=True`` waits for each step's decision on CUDA instead of possibly running one wasted pass.
-        Nesting two ``passes()`` loops of one optimizer raises ``RuntimeError`` (they would share one reuse index).
+        A new ``passes()`` supersedes any earlier one of this optimizer (they share one reuse index): an abandoned
+        iterator is harmless, and resuming a superseded one (nested loops) raises ``RuntimeError``.
         """
         kmax = self.config.max_reuse if max_reuse is None else max_reuse
         if not is_int(kmax) or not (1 <= kmax <= self.config.max_reuse):
             raise ValueError(f"passes(max_reuse=...) must be an int in [1, {self.config.max_reuse}], got {kmax!r}")
-        if self._in_passes:
-            raise RuntimeError("GatedOptimizer.passes() is already iterating: nested passes() loops share one reuse index")
-        return self._passes(int(kmax), block)
+        self._passes_ticket += 1
+        return self._passes(int(kmax), block, self._passes_ticket)
 
-    def _passes(self, kmax: int, block: bool) -> Iterator[int]:
-        self._in_passes = True
-        try:
-            for k in range(1, kmax + 1):
-                self.set_reuse_index(k)
-                if self.poll_reuse_stopped(block=block):
-                    return
-                yield k
-        finally:
-            self._in_passes = False
+    def _passes(self, kmax: int, block: bool, ticket: int) -> Iterator[int]:
+        for k in range(1, kmax + 1):
+            if self._passes_ticket != ticket:
+                raise RuntimeError(
+                    "GatedOptimizer.passes(): this iterator was superseded by a later opt.passes() (nested passes() "
+                    "loops of one optimizer share one reuse index)"
+                )
+            self.set_reuse_index(k)
+            if self.poll_reuse_stopped(block=block):
+                return
+            yield k
 
-    # ------------------------------------------------------------------ energy
+    # ------------------------------------------------------------------ what a step is fed
+    def accumulating(self) -> contextlib.AbstractContextManager[None]:
+        """Context for the backward passes of non-final micro-batches under gradient accumulation: with
+        ``energy_hook=True`` they do not measure the energy (only the last backward before :meth:`step` needs to).
+        Harmless otherwise; never needed for correctness (a gradient accumulated after a measurement makes it
+        stale, and the step then measures)::
+
+            for i, micro in enumerate(micro_batches):
+                with opt.accumulating() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+                    loss_fn(model, micro).backward()
+            opt.step()
+        """
+        return self._meter.pause_hook()
+
     def _discard_recorded(self) -> None:
-        if self._energy is not None:
-            self._energy.discard()
+        self._meter.discard()
         self._pending_drift = {}
-
-    def _meter(self) -> EnergyMeter:
-        if self._energy is None:
-            raise RuntimeError("GatedOptimizer: this drift-only gate (lm_head=None) has no lm_head energy to measure")
-        return self._energy
 
     def record_energy(
         self, grad_scale: torch.Tensor | None = None, *, energy: torch.Tensor | None = None
@@ -499,16 +451,18 @@ class GatedOptimizer(torch.optim.Optimizer):
         """Measure the lm_head gradient energy now and use it at the next :meth:`step`.
 
         Call it where the gradients are the ones the gate should see — e.g. before ``clip_grad_norm_`` (which
-        rescales them) — or let an integration call it from a post-accumulate-grad hook. ``grad_scale`` (a
-        GradScaler's scale tensor) divides the energy by ``grad_scale**2`` when the gradients are still scaled.
-        ``energy``: hand in an energy measured elsewhere instead (a 0-d floating tensor: the *global*, unscaled
-        sum of squares of the lm_head gradient — e.g. from DeepSpeed ZeRO partitions plus an all-reduce); it is
-        then used as is (divided by ``grad_scale**2`` if that is given too).
+        rescales them), or after changing them in a way autograd's version counter does not see
+        (``p.grad.data.mul_``) when ``energy_hook=True``. ``grad_scale`` (a GradScaler's scale tensor) divides the
+        energy by ``grad_scale**2`` when the gradients are still scaled. ``energy``: hand in an energy measured
+        elsewhere instead (a 0-d floating tensor: the *global*, unscaled sum of squares of the lm_head gradient);
+        it is then used as is (divided by ``grad_scale**2`` if that is given too).
         Returns the 0-d float32 energy (device tensor, no sync). :meth:`zero_grad` discards it, and so does any
         other way of discarding the gradients it was measured on (``model.zero_grad()``, a step skipped by a
         GradScaler before it reached this optimizer): the next step then measures afresh.
         """
-        meter = self._meter()
+        meter = self._meter
+        if not meter.params:
+            raise RuntimeError("GatedOptimizer: this drift-only gate (lm_head=None) has no lm_head energy to measure")
         if energy is not None:
             _check_one_float(energy, "record_energy(energy=...) takes a 0-d floating tensor")
             e = Energy(energy.detach().reshape(()).to(torch.float32), grad_scale)
@@ -531,166 +485,132 @@ class GatedOptimizer(torch.optim.Optimizer):
             _check_one_float(value, f"record_drift: {name} must be a one-element floating tensor")
         self._pending_drift.update({k: v.detach().reshape(()) for k, v in stats.items()})
 
-    @property
-    def grad_norm(self) -> torch.Tensor | None:
-        """Total gradient L2 norm (unscaled, before clipping) of the last :meth:`step` with ``max_grad_norm``; 0-d
-        float32 device tensor (what ``clip_grad_norm_`` returns), or None."""
-        return self._grad_norm
-
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ the step: decide_, then apply_
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Measure the lm_head energy, update the gate and apply (or exactly skip) the inner step.
 
-        No host sync on the sync-free path (see the class docstring). The closure, if any, is evaluated once here
-        (under ``torch.enable_grad``) and the inner optimizer is stepped without it. This optimizer's step hooks
-        run around the whole gated step; torch's global optimizer hooks run once, around the inner step, when the
-        inner step runs.
+        No host sync on the sync-free path. The closure, if any, is evaluated once here (under
+        ``torch.enable_grad``) and the inner optimizer is stepped without it. This optimizer's step hooks run around
+        the whole gated step (:meth:`step_hooks`); torch's global optimizer hooks run once, around the inner step,
+        when the inner step runs. A GradScaler hands its ``grad_scale`` / ``found_inf`` here as attributes (torch's
+        protocol); they become :meth:`decide_`'s arguments.
         """
-        args, kwargs = (closure,) if closure is not None else (), {}
-        for hook in list(self._optimizer_step_pre_hooks.values()):
-            res = hook(self, args, kwargs)
-            if res is not None:
-                args, kwargs = res
+        args, kwargs = self._pre_hooks((closure,) if closure is not None else (), {})
         closure = args[0] if args else kwargs.get("closure")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        d = self.decide_()
-        if d.run_inner:
-            self._step_inner(d.found_inf, d.grad_scale)
-        for hook in list(self._optimizer_step_post_hooks.values()):
-            hook(self, args, kwargs)
+        self.apply_(
+            self.decide_(grad_scale=getattr(self, "grad_scale", None), external_skip=getattr(self, "found_inf", None))
+        )
+        self._post_hooks(args, kwargs)
         return loss
 
-    def decide_(self) -> "StepDecision":
-        """The gate's half of :meth:`step`: measure, clip (``max_grad_norm``), update the gate and publish
-        :attr:`reuse_stopped`; return how the inner step must run, without running it. :meth:`step` is
-        ``decide_()`` then the inner step under the returned ``found_inf`` / ``grad_scale``. Engines whose inner
-        optimizer is stepped several times per training step (DeepSpeed ZeRO: once per parameter group or
-        sub-group) take one decision and apply it to every call. No host sync on the sync-free path."""
-        self._warn_no_reuse_index()
+    @contextlib.contextmanager
+    def step_hooks(self, *args: Any, **kwargs: Any) -> Iterator[tuple[tuple, dict]]:
+        """Run this optimizer's step pre-hooks (``register_step_pre_hook``) on entry and its post-hooks on a normal
+        exit, around one training step, as :meth:`step` does; yields ``(args, kwargs)`` as the pre-hooks left
+        them. For an engine that splits a training step into :meth:`decide_` and several :meth:`apply_` calls: it
+        wraps the decision in it, once per training step."""
+        args, kwargs = self._pre_hooks(args, kwargs)
+        yield args, kwargs
+        self._post_hooks(args, kwargs)
 
-        scaler_scale = getattr(self, "grad_scale", None)  # set by GradScaler when grads are still scaled
-        scaler_inf = getattr(self, "found_inf", None)
+    def _pre_hooks(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            res = hook(self, args, kwargs)
+            if res is not None:
+                args, kwargs = res
+        return args, kwargs
+
+    def _post_hooks(self, args: tuple, kwargs: dict) -> None:
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, args, kwargs)
+
+    def decide_(
+        self,
+        *,
+        energy: torch.Tensor | None = None,
+        grad_scale: torch.Tensor | None = None,
+        external_skip: torch.Tensor | None = None,
+    ) -> StepDecision:
+        """The gate's half of a step: measure the energy, clip (``max_grad_norm``), update the gate and publish
+        :attr:`reuse_stopped`; returns how the inner step must run (:meth:`apply_` runs it). No parameter and no
+        inner optimizer state is touched; no host sync on the sync-free path.
+
+        Args:
+            energy: this step's lm_head energy measured elsewhere (a 0-d floating tensor: the global, unscaled sum of
+                squares, e.g. of ZeRO partitions), used instead of measuring the gradients.
+            grad_scale: a GradScaler's scale while the gradients are still scaled (the energy is divided by its
+                square; it is handed to the fused inner step, as torch's protocol does).
+            external_skip: a 0-d tensor, > 0 when the caller drops this step anyway (a loss-scaler overflow): not a
+                trip; the gate ignores the step. A fused inner step receives it as ``found_inf`` (combined with the
+                gate's); with any other inner optimizer dropping the step is the caller's (as a GradScaler does).
+        """
+        config, plan = self._config, self._plan
+        given = None
+        if energy is not None:
+            if not config.energy:
+                raise ValueError("decide_(energy=...): this gate's rule reads no lm_head energy (GateConfig.energy)")
+            _check_one_float(energy, "decide_(energy=...) takes a 0-d floating tensor")
+            given = Energy(energy.detach().reshape(()).to(torch.float32))
+        self._warn_no_reuse_index()
+        drift = self._take_drift()
+        on_device = plan.skip_path == "found_inf" and not fused_sgd_unprimed(self.optimizer)
+        # a hook's measurement is of the gradients as backward left them: unusable if a GradScaler unscaled them
+        # in place since (it says so by handing found_inf without grad_scale)
+        unscaled = plan.skip_path != "found_inf" or (external_skip is not None and grad_scale is None)
+        m = self._meter.for_step(
+            given=given, need_energy=config.energy, scaler_scale=grad_scale, scaler_unscaled=unscaled,
+            param_groups=self.param_groups, max_grad_norm=self._max_grad_norm, fold=self._fold_clip and on_device,
+        )  # fmt: skip
+        if m.grad_norm is not None:
+            self._grad_norm = m.grad_norm
+        if m.energy is not None and m.energy.value.device != plan.device:
+            self._follow_device(m.energy.value.device)
+        device = self._gate.device
+        external = None
+        if external_skip is not None:  # an overflowed step is the caller's to drop: the gate ignores it
+            external = external_skip if external_skip.device == device else external_skip.to(device)
+            external = external.to(torch.float32).clamp(0.0, 1.0)
+        skip = gate_step_(
+            self._gate, m.energy.value if m.energy is not None else None, config, external, drift=drift,
+            grad_scale=m.energy.grad_scale if m.energy is not None else None, impl=self._plan.gate_impl,
+        )  # fmt: skip
+        if config.action != "skip":
+            skip = None  # watch: nothing to skip, nothing to read
+        elif not on_device:
+            self._warn_host_path()
+        decision = decide(
+            on_device, skip, external=external, scaler_inf=external_skip, reuse_index=self._reuse_index,
+            optimizer=self.optimizer, grad_scale=m.inner_scale,
+        )  # fmt: skip
+        self._stop_flag.publish(self._gate.stopped)
+        return decision
+
+    def apply_(self, decision: StepDecision) -> None:
+        """Run the inner optimizer's step under ``decision`` (from :meth:`decide_`): exactly skipped, or applied with
+        its ``found_inf`` / ``grad_scale``. Engines call it once per client step of a training step."""
+        apply_(self.optimizer, decision)
+
+    def _take_drift(self) -> torch.Tensor | None:
         drift = None
-        if self.config.uses_drift:
-            drift = self._pending_drift.get(self.config.drift)
+        if self._config.uses_drift:
+            drift = self._pending_drift.get(self._config.drift)
             if drift is None:
                 raise RuntimeError(
-                    f"GatedOptimizer.step(): the gate watches {self.config.drift!r} but this step has none; call "
-                    f"opt.record_drift({self.config.drift}=...) before step() (see dgg_fused.drift_stats)"
+                    f"GatedOptimizer.step(): the gate watches {self._config.drift!r} but this step has none; call "
+                    f"opt.record_drift({self._config.drift}=...) before step() (see dgg_fused.drift_stats)"
                 )
         self._pending_drift = {}
-        amp_path = self._step_supports_amp_scaling
-        use_found_inf = amp_path and not self._fused_sgd_unprimed()  # = self._use_found_inf()
-        meter = self._energy
-        recorded, current = None, False
-        if meter is not None:
-            # a hook's measurement is of the gradients as backward left them: unusable if a GradScaler unscaled
-            # them in place since (it says so by handing found_inf without grad_scale)
-            unscaled = not amp_path or (scaler_inf is not None and scaler_scale is None)
-            recorded, current = meter.take_for_step(scaler_scale, scaler_unscaled=unscaled)
-        energy = None
-        if self.config.energy:
-            if recorded is None:
-                recorded, current = meter.measure(scaler_scale), True
-            energy = recorded
-        inner_scale = scaler_scale
-        if self.max_grad_norm is not None:  # after the gate's measurement: the gate sees pre-clip gradients
-            if meter is None:  # a drift-only gate: no lm_head singled out, every gradient is read by the clip
-                lm = torch.zeros((), dtype=torch.float32, device=self._gate.device)
-                meter = self._clip_meter()
-            elif energy is not None and current:
-                lm = energy.total()
-            else:  # a recorded energy may predate changes of the gradients (e.g. unscaling): measure afresh
-                lm = meter.measure(scaler_scale, partials=False).total()
-            fold = self.fold_clip and use_found_inf
-            self._grad_norm, coef = meter.clip_(lm, self.param_groups, self.max_grad_norm, scaler_scale, apply=not fold)
-            if fold:  # the fused kernel divides every gradient by grad_scale: dividing by 1/coef is the clip
-                inner_scale = (1.0 / coef) if scaler_scale is None else scaler_scale.to(coef.device) / coef
-        device = energy.value.device if energy is not None else self._gate.device
-        if device != self._gate.device:
-            self._gate.to(device)
-            self._gate_impl = _gate_impl_for(self._backend, self.config, device)  # the lm_head moved (e.g. .cuda())
-            self._stop_flag = _HostStopFlag(device)
-
-        external = None
-        if scaler_inf is not None:  # an overflowed step is the scaler's to drop: the gate ignores it
-            external = scaler_inf
-            if external.device != device:
-                external = external.to(device)
-            external = external.to(torch.float32).clamp(0.0, 1.0)
-        skip = step_resolved_(
-            self._gate, energy.value if energy is not None else None, self.config, self._gate_impl,
-            grad_scale=energy.grad_scale if energy is not None else None, external_skip=external, drift=drift,
-        )
-
-        run_inner = True
-        if use_found_inf:
-            found_inf = skip if external is None else torch.maximum(skip, external)
-        else:
-            self._warn_host_path()
-            if self._reuse_index > 1:  # on k == 1 the gate cannot trip: no sync needed
-                run_inner = not bool(skip)  # the one host sync of the fallback path
-            found_inf = scaler_inf
-            if run_inner and scaler_inf is not None and self._fused_sgd_unprimed():
-                # torch's fused SGD would allocate its momentum uninitialised on a step the scaler drops: decide
-                # that drop on the host too, once, until every buffer exists.
-                run_inner = not bool(scaler_inf)
-        self._stop_flag.publish(self._gate.stopped)
-        return StepDecision(run_inner, found_inf, inner_scale)
-
-    def _step_inner(self, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None) -> None:
-        inner = self.optimizer
-        saved = {k: inner.__dict__[k] for k in ("found_inf", "grad_scale") if k in inner.__dict__}
-        if found_inf is not None:
-            inner.found_inf = found_inf
-        if grad_scale is not None:
-            inner.grad_scale = grad_scale
-        try:
-            inner.step()
-        finally:
-            for k in ("found_inf", "grad_scale"):
-                inner.__dict__.pop(k, None)
-            inner.__dict__.update(saved)
-
-    def _use_found_inf(self) -> bool:
-        if self.skip_mode == "host" or not _supports_found_inf(self.optimizer):
-            return False
-        # torch's fused SGD allocates momentum buffers uninitialised on its first step; if that step were
-        # skipped, the next one would read garbage. Decide on the host until every buffer exists.
-        return not self._fused_sgd_unprimed()
-
-    def _fused_sgd_unprimed(self) -> bool:
-        inner = self.optimizer
-        if not isinstance(inner, torch.optim.SGD):
-            return False
-        for g in inner.param_groups:
-            if g.get("momentum", 0) != 0:
-                for p in g["params"]:
-                    if p.grad is not None and inner.state.get(p, {}).get("momentum_buffer") is None:
-                        return True
-        return False
-
-    def _clip_meter(self) -> EnergyMeter:
-        """The clip's gradient reader of a drift-only gate (no lm_head): an EnergyMeter over no lm_head tensor."""
-        meter = self.__dict__.get("_clip_only_meter")
-        if meter is None:
-            meter = self._clip_only_meter = EnergyMeter.for_clip(backend=self._backend)
-        return meter
+        return drift
 
     def _warn_host_path(self) -> None:
-        if self._warned_host_path or self.skip_mode == "host":
+        if self._warned_host_path or self._skip_mode == "host" or self._plan.skip_path != "host":
             return
         self._warned_host_path = True
-        if not _supports_found_inf(self.optimizer):
-            warnings.warn(
-                f"GatedOptimizer: {type(self.optimizer).__name__} (without fused=True) cannot skip a step on the "
-                "device, so the gate's decision is read on the host: one device sync per reuse-pass step. "
-                "Torch's Adam/AdamW/SGD/Adagrad with fused=True take the sync-free path.",
-                stacklevel=3,
-            )
+        warnings.warn(HOST_PATH_WARNING.format(name=type(self.optimizer).__name__), stacklevel=4)
 
     def _warn_no_reuse_index(self) -> None:
         if self._reuse_index_set or self._warned_no_reuse_index or self.config.max_reuse == 1:
@@ -700,7 +620,7 @@ class GatedOptimizer(torch.optim.Optimizer):
             f"GatedOptimizer.step() with max_reuse={self.config.max_reuse} but set_reuse_index() was never called: "
             "every step counts as a first pass (k = 1), so the gate can never trip. Iterate `for k in "
             "opt.passes():` or call opt.set_reuse_index(k) before each pass.",
-            stacklevel=3,
+            stacklevel=4,
         )
 
     # ------------------------------------------------------------------ metrics
@@ -709,11 +629,12 @@ class GatedOptimizer(torch.optim.Optimizer):
         """Gate metrics of the last step as 0-d device tensors (views of live state: clone to keep them).
 
         Keys: ``energy`` (lm_head gradient energy), ``statistic`` (the Z-score compared with tau), ``gated``
-        (1.0 if this step tripped the gate), ``skipped`` (1.0 if this step was dropped: tripped, or on a stopped
-        batch), ``steps``, ``gated_steps`` (dropped steps), ``stopped_batches`` (trips), ``reuse_index``, ``drift``
-        and ``drift_statistic`` (with ``config.drift`` set only: the watched drift statistic's value, and what its
-        rule compared — the value itself, or its Z-score), ``window_filled`` (reference observations the rule's
-        window holds; the gate can trip only once it reaches ``config.window`` — the warm-up made visible).
+        (1.0 if the rule tripped on this step; with ``action="watch"``: fired, nothing done), ``skipped`` (1.0 if
+        this step was dropped: tripped, or on a stopped batch), ``steps``, ``gated_steps`` (dropped steps),
+        ``stopped_batches`` (trips; with ``action="watch"`` the steps on which the rule fired), ``reuse_index``,
+        ``drift`` and ``drift_statistic`` (with ``config.drift`` set only: the watched drift statistic's value, and
+        what its rule compared — the value itself, or its Z-score), ``window_filled`` (reference observations the
+        rule's window holds; the gate can trip only once it reaches ``config.window`` — the warm-up made visible).
         """
         out = self._gate.metrics(drift=self.config.drift is not None)
         out["window_filled"] = self._gate.window_filled(self.config)
@@ -775,6 +696,30 @@ class GatedOptimizer(torch.optim.Optimizer):
 GatedOptimizer.step.hooked = True  # type: ignore[attr-defined]
 
 
+def _lm_head_params(lm_head: Any, optimizer: torch.optim.Optimizer, config: GateConfig) -> list[torch.Tensor]:
+    """The validated lm_head parameters (``[]`` for ``lm_head=None``, allowed without the energy rule)."""
+    if lm_head is None:
+        if config.energy:
+            raise TypeError("lm_head= is required by the lm_head-energy rule (GateConfig.energy=True)")
+        return []
+    params = params_of(lm_head)
+    if not params:
+        raise ValueError(f"lm_head= ({type(lm_head).__name__}) has no parameters")
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for p in params:
+        if not p.requires_grad:
+            raise ValueError(f"lm_head parameter of shape {tuple(p.shape)} does not require grad: nothing to gate")
+        if id(p) not in in_opt:
+            raise ValueError(
+                f"lm_head parameter of shape {tuple(p.shape)} is not among the optimizer's parameters; "
+                "build the optimizer from the same model's parameters"
+            )
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"lm_head parameters must live on one device, got {sorted(map(str, devices))}")
+    return params
+
+
 def _check_one_float(value: Any, message: str) -> None:
     """``ValueError(message + what was given)`` unless ``value`` is a one-element floating tensor."""
     if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
@@ -782,38 +727,15 @@ def _check_one_float(value: Any, message: str) -> None:
         raise ValueError(f"{message}, got {got}")
 
 
-def _first_device(optimizer: torch.optim.Optimizer) -> torch.device:
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            return p.device
-    return torch.device("cpu")
-
-
-def _gate_impl_for(backend: str, config: GateConfig, device: torch.device) -> str:
-    """The gate implementation for ``backend=`` on ``device``; a drift gate runs the reference rule (the fused twins
-    implement the energy-only rule)."""
-    if config.uses_drift:
-        return impl_for_config("auto", config)
-    return resolve_impl(impl_for_backend(backend), device)
-
-
-def _known_backend(backend: Any) -> str:
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
 def _check_group(group: Any) -> None:
+    """``group`` is a process group of this (initialized) run that this rank belongs to."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("energy_group: torch.distributed is not initialized")
-
-def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` honours ``found_inf``/``grad_scale`` attributes (torch's fused optimizers)."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return False
-    # Every group must be fused: torch's non-fused code paths reject found_inf.
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)):
-        return all(bool(g.get("fused")) for g in optimizer.param_groups)
-    return False
+    try:
+        rank = dist.get_rank(group)
+    except Exception as exc:  # not a group of this run (torch raises ValueError/RuntimeError/KeyError here)
+        raise TypeError(f"energy_group must be a process group of this run, got {type(group).__name__}") from exc
+    if rank < 0:
+        raise ValueError("energy_group: this rank is not a member of the group")

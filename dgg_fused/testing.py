@@ -1,4 +1,5 @@
-"""Testing utilities: the host-sync detector that the test suite and the benchmarks share.
+"""Testing utilities: the host-sync detector that the test suite and the benchmarks share, and the one hook
+through which a test looks inside a :class:`~dgg_fused.GatedOptimizer` (:func:`internals`).
 
 A training step is *sync-free* when the host never waits for a value computed on the device. On a GPU,
 ``torch.cuda.set_sync_debug_mode("error")`` proves it for everything torch knows is a sync; on a CPU nothing really
@@ -21,12 +22,35 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SyncRecorder", "record_syncs", "SYNC_OPS"]
+__all__ = ["SyncRecorder", "record_syncs", "SYNC_OPS", "Internals", "internals"]
+
+
+class Internals(NamedTuple):
+    """The live internals of one :class:`~dgg_fused.GatedOptimizer` (see :func:`internals`).
+
+    Attributes:
+        gate: the device-resident :class:`~dgg_fused.gate.GateState` (window, filled, prev_energy, stopped, ...).
+        meter: the :class:`~dgg_fused.energy.EnergyMeter` (``meter.pending``: the measurement the next step would
+            consider, recorded or made by the energy hook; ``meter.measure()``: what the step would measure now).
+    """
+
+    gate: Any
+    meter: Any
+
+
+def internals(optimizer: Any) -> Internals:
+    """The one testing hook: what a test may read (or, to stage a scenario, replace) inside a
+    :class:`~dgg_fused.GatedOptimizer`. Everything else a test needs is public API (``opt.plan``, ``opt.metrics``,
+    ``opt.state_dict()["dgg"]``, ...). Not for training code: these objects change with the implementation."""
+    gate, meter = getattr(optimizer, "_gate", None), getattr(optimizer, "_meter", None)
+    if gate is None or meter is None:
+        raise TypeError(f"internals() expects a GatedOptimizer, got {type(optimizer).__name__}")
+    return Internals(gate, meter)
 
 #: aten ops that read a device value on the host (or have a data-dependent output shape).
 SYNC_OPS = frozenset(

@@ -125,3 +125,27 @@ def test_hf_trainer_metrics_callback_logs_with_trainer_logs(tmp_path):
     d = gate_metrics(trainer.optimizer)  # through the AcceleratedOptimizer
     assert d["dgg/steps"] == 3 and isinstance(d["dgg/energy"], float)
     assert gate_metrics(torch.optim.SGD(model.parameters(), lr=0.1)) == {}
+
+
+def test_metrics_callback_reads_the_device_once_per_log_call():
+    """Issue 17: hf.py's on_log synced twice per log call (the metrics, then the window fill); now one copy."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from dgg_fused.integrations.hf import DGGMetricsCallback
+    from dgg_fused.testing import record_syncs
+
+    model = make_model()
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head,
+                         config=GateConfig(window=4))
+    opt.set_reuse_index(1)
+    loss_fn(model, batch(0)).backward()
+    opt.step()
+    cb = DGGMetricsCallback()
+    logs = {"loss": 1.0}
+    with record_syncs() as one:
+        opt.get_metrics()
+    with record_syncs() as rec:
+        cb.on_log(None, SimpleNamespace(log_history=[], global_step=1), None, logs=logs, optimizer=opt)
+    assert rec.events == one.events, rec.events  # exactly one get_metrics() worth of host reads
+    assert logs["dgg/window_fill"] == 0.25 and logs["dgg/steps"] == 1

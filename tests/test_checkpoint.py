@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 
+from dgg_fused.testing import internals
 from helpers import assert_bit_identical, batch, loss_fn, make_model, snapshot
 from test_optimizer import TRIP, fill_window, gated, quiet_host_path, train_step  # noqa: F401
 
@@ -53,7 +54,7 @@ def test_load_state_dict_rejects_bad_gate_state_and_changes_nothing():
     opt = gated("adamw_fused", model, TRIP)
     fill_window(model, opt)
     good = opt.state_dict()
-    before = snapshot(model, opt), {k: v.clone() for k, v in opt._gate.tensors().items()}
+    before = snapshot(model, opt), {k: v.clone() for k, v in internals(opt).gate.tensors().items()}
     bad_window = {**good, "dgg": {**good["dgg"], "config": {**good["dgg"]["config"], "window": 5}}}
     with pytest.raises(ValueError, match="window"):
         opt.load_state_dict(bad_window)
@@ -63,14 +64,14 @@ def test_load_state_dict_rejects_bad_gate_state_and_changes_nothing():
     bad_k = {**good, "dgg": {**good["dgg"], "reuse_index": 9}}
     with pytest.raises(ValueError, match="reuse_index"):
         opt.load_state_dict(bad_k)
-    after = snapshot(model, opt), {k: v.clone() for k, v in opt._gate.tensors().items()}
+    after = snapshot(model, opt), {k: v.clone() for k, v in internals(opt).gate.tensors().items()}
     assert_bit_identical(before[0], after[0])
     for k in before[1]:
         torch.testing.assert_close(before[1][k], after[1][k], rtol=0, atol=0, equal_nan=True)
 
 
 def _assert_unchanged(opt, model, before):
-    after = snapshot(model, opt), {k: v.clone() for k, v in opt._gate.tensors().items()}
+    after = snapshot(model, opt), {k: v.clone() for k, v in internals(opt).gate.tensors().items()}
     assert_bit_identical(before[0], after[0])
     for k in before[1]:
         torch.testing.assert_close(before[1][k], after[1][k], rtol=0, atol=0, equal_nan=True, msg=k)
@@ -95,7 +96,7 @@ def test_gate_values_are_validated_and_a_bad_one_changes_nothing(key, value, mat
     opt = gated("adamw_fused", model, TRIP)
     fill_window(model, opt)
     good = opt.state_dict()
-    before = snapshot(model, opt), {k: v.clone() for k, v in opt._gate.tensors().items()}
+    before = snapshot(model, opt), {k: v.clone() for k, v in internals(opt).gate.tensors().items()}
     bad = {**good, "dgg": {**good["dgg"], "gate": {**good["dgg"]["gate"], key: value}}}
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(bad)
@@ -111,10 +112,56 @@ def test_gate_reuse_index_must_agree_with_the_saved_one():
     opt.set_reuse_index(2)
     good = opt.state_dict()
     assert good["dgg"]["reuse_index"] == 2
-    before = snapshot(model, opt), {k: v.clone() for k, v in opt._gate.tensors().items()}
+    before = snapshot(model, opt), {k: v.clone() for k, v in internals(opt).gate.tensors().items()}
     bad = {**good, "dgg": {**good["dgg"], "gate": {**good["dgg"]["gate"], "reuse_index": torch.tensor(3)}}}
     with pytest.raises(ValueError, match="inconsistent"):
         opt.load_state_dict(bad)
     _assert_unchanged(opt, model, before)
     opt.load_state_dict(good)  # the consistent one loads
-    assert opt.reuse_index == 2 and opt._gate.reuse_index.item() == 2
+    assert opt.reuse_index == 2 and internals(opt).gate.reuse_index.item() == 2
+
+
+def test_a_checkpoint_with_settings_now_refused_still_loads():
+    """GateConfig refuses settings the rule never reads; a checkpoint written before that check (its config dict
+    holds one) still loads: the saved settings are only compared, with a warning, never rebuilt."""
+    import warnings
+
+    from dgg_fused import GateConfig, GatedOptimizer
+
+    model = make_model()
+    cfg = GateConfig(energy=False, drift="approx_kl")
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=None, config=cfg)
+    sd = opt.state_dict()
+    sd["dgg"]["config"] = {**sd["dgg"]["config"], "tau": 0.5}  # a drift-only threshold gate with a tau
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.load_state_dict(sd)
+    assert any("keeping the current" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ({"window": torch.tensor([[-1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])}, "negative"),  # an energy below 0
+        ({"prev_energy": torch.tensor(-2.0)}, "prev_energy"),
+        ({"prev_energy": torch.tensor(float("inf"))}, "prev_energy"),
+        ({"stopped": torch.tensor(True)}, "stopped.*reuse_index 1"),  # saved at k = 1: a new batch is unstopped
+        ({"drift_window": torch.tensor([0.1, float("nan"), 0.2]), "drift_filled": torch.tensor(3)}, "drift_window"),
+    ],
+)
+def test_impossible_gate_states_are_refused(edit, match):
+    """Regression (issue 17, edge 4): these loaded; with a NaN in the drift window the drift Z gate never
+    tripped again."""
+    from dgg_fused import GateConfig, GatedOptimizer
+
+    model = make_model()
+    cfg = GateConfig(window=3, drift="approx_kl", drift_rule="zscore")
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head, config=cfg)
+    opt.set_reuse_index(1)
+    good = opt.state_dict()
+    good["dgg"]["gate"]["filled"] = torch.tensor([3, 0])
+    good["dgg"]["gate"]["window"] = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    opt.load_state_dict(good)  # a consistent state loads
+    bad = {**good, "dgg": {**good["dgg"], "gate": {**good["dgg"]["gate"], **edit}}}
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)

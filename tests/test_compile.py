@@ -76,10 +76,11 @@ def test_gate_adds_no_graph_breaks():
         inner = br.user_stack[-1] if br.user_stack else None
         reasons.append((br.reason.splitlines()[0], inner.filename if inner else ""))
         assert inner is None or not inner.filename.startswith(PKG_DIR), f"graph break inside dgg_fused: {br.reason}"
-    # exactly torch's own two: backward, and torch.optim's deliberate break around the inner step
-    assert len(reasons) == 2, reasons
+    # only torch's own: backward, and torch.optim's deliberate break around the inner step (which torch 2.14's
+    # explain() counts in graph_break_count without listing it among break_reasons; older torch listed it)
     assert any("backward" in r for r, _ in reasons), reasons
-    assert any("graph_break()" in r and f.endswith("torch/optim/optimizer.py") for r, f in reasons), reasons
+    assert all("backward" in r or "graph_break()" in r for r, _ in reasons), reasons
+    assert ex.graph_break_count <= 3, (ex.graph_break_count, reasons)
 
 
 def _check(backend: str, exact_params: bool) -> None:

@@ -127,7 +127,7 @@ def _inner_steps(opt) -> list[float]:
 
 
 def _scenario(rank: int, stage: int, ckpt_dir: str) -> dict:
-    from dgg_fused.integrations.deepspeed import _local_fragments
+    from dgg_fused.integrations.deepspeed import local_grad_fragments
 
     model, opt, engine = _build(stage)
     out: dict = {"rows": []}
@@ -139,7 +139,7 @@ def _scenario(rank: int, stage: int, ckpt_dir: str) -> dict:
             if micro == ACCUM - 1:
                 before = _full_state(model)  # the fp32 master weights before this engine step
                 if step == 0:
-                    out["owns_lm_head_piece"] = len(_local_fragments([model.lm_head.weight])) > 0
+                    out["owns_lm_head_piece"] = len(local_grad_fragments([model.lm_head.weight])) > 0
                 steps_before = _inner_steps(opt)
             engine.step()
         after = _full_state(model)

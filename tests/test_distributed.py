@@ -211,7 +211,7 @@ def sc_fsdp2_gate(rank: int, tmp: str) -> dict:
         syncs += rec.events
         opt.zero_grad()
     tripped = opt.get_metrics()["gated"]
-    return {"records": recs, "exact": exact, "path_found_inf": opt._use_found_inf(), "syncs": syncs, "tripped": tripped}
+    return {"records": recs, "exact": exact, "path_found_inf": opt.plan.skip_path == "found_inf", "syncs": syncs, "tripped": tripped}
 
 
 def sc_ddp(rank: int, tmp: str) -> dict:

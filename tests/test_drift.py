@@ -12,6 +12,7 @@ import torch
 
 from dgg_fused import DRIFT_STATS, GateConfig, GatedOptimizer, drift_stats
 from dgg_fused.gate import GateState, gate_step_
+from dgg_fused.testing import internals
 from helpers import assert_bit_identical, batch, loss_fn, make_model, record_syncs, snapshot
 
 
@@ -161,7 +162,7 @@ def test_zscore_drift_rule_needs_a_full_window():
 def test_fused_impl_with_drift_raises():
     cfg = GateConfig(drift="approx_kl")
     st = GateState.create(cfg.window, "cpu")
-    with pytest.raises(ValueError, match="energy-only"):
+    with pytest.raises(ValueError, match="runs 'reference'"):
         gate_step_(st, torch.tensor(1.0), cfg, drift=torch.tensor(0.0), impl="cpp")
     with pytest.raises(ValueError, match="drift value"):
         gate_step_(st, torch.tensor(1.0), cfg)
@@ -235,12 +236,12 @@ def test_missing_drift_raises_and_loses_no_state():
                          config=GateConfig(drift="clip_frac"))
     loss_fn(model, batch(0)).backward()
     opt.record_drift(approx_kl=torch.tensor(0.0))  # not the watched statistic
-    before = snapshot(model, opt), opt._gate.state_dict()
+    before = snapshot(model, opt), internals(opt).gate.state_dict()
     with pytest.raises(RuntimeError, match="record_drift"):
         opt.step()
     assert_bit_identical(before[0], snapshot(model, opt))
     for k, v in before[1].items():
-        torch.testing.assert_close(opt._gate.state_dict()[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+        torch.testing.assert_close(internals(opt).gate.state_dict()[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
     with pytest.raises(ValueError, match="unknown statistic"):
         opt.record_drift(kl=torch.tensor(0.0))
     with pytest.raises(ValueError, match="one-element"):
@@ -287,17 +288,17 @@ def test_drift_gate_checkpoint_round_trip_and_old_checkpoints():
     sd = torch.load(buf, weights_only=True)
     opt2 = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=None, config=cfg)
     opt2.load_state_dict(sd)
-    assert torch.equal(opt2._gate.drift_window, opt._gate.drift_window) and opt2._gate.drift_filled.item() == 3
+    assert torch.equal(internals(opt2).gate.drift_window, internals(opt).gate.drift_window) and internals(opt2).gate.drift_filled.item() == 3
     # a checkpoint from before the drift state existed: loads, drift state fresh
     for k in GateState.OPTIONAL:
         del sd["dgg"]["gate"][k]
     opt3 = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=None, config=cfg)
     opt3.load_state_dict(sd)
-    assert opt3._gate.drift_filled.item() == 0
+    assert internals(opt3).gate.drift_filled.item() == 0
 
 
 def test_named_presets():
-    assert GateConfig.paper() == GateConfig()
+    assert GateConfig.paper(tau=0.5).tau == 0.5
     rec = GateConfig.recommended()
     assert (rec.energy, rec.drift, rec.drift_rule, rec.drift_threshold) == (False, "approx_kl", "threshold", 0.02)
     assert GateConfig.recommended(drift_threshold=0.05, max_reuse=8).drift_threshold == 0.05

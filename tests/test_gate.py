@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dgg_fused import GateConfig
 from dgg_fused.config import REFERENCES, STATISTICS
-from dgg_fused.gate import GateState, gate_step_, resolve_impl, zscore
+from dgg_fused.gate import GateState, gate_step_, impl_for, zscore
 from dgg_fused.ops import available_backends
 from gate_harness import CONFIGS, run_and_compare, sequence
 
@@ -259,15 +259,24 @@ needs_cpp = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="d
 
 def test_auto_on_cpu_is_the_cpp_twin_when_built():
     expected = "cpp" if "cpp" in available_backends("cpu") else "reference"
-    assert resolve_impl("auto", torch.device("cpu")) == expected
-    assert resolve_impl("reference", torch.device("cpu")) == "reference"
+    cfg = GateConfig()
+    assert impl_for("auto", cfg, torch.device("cpu")) == expected
+    assert impl_for("reference", cfg, torch.device("cpu")) == "reference"
+    assert impl_for("torch", cfg, torch.device("cpu")) == "reference"  # the backend's twin: the reference rule
+    # rules only the reference implements
+    for only_ref in (GateConfig(action="watch"), GateConfig(drift="approx_kl")):
+        assert impl_for("auto", only_ref, torch.device("cpu")) == "reference"
+        with pytest.raises(ValueError, match="runs 'reference'"):
+            impl_for("cpp", only_ref, torch.device("cpu"))
 
 
 def test_unknown_or_unavailable_impl_raises():
-    with pytest.raises(ValueError, match="gate impl"):
-        resolve_impl("fast", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        impl_for("fast", GateConfig(), torch.device("cpu"))
     with pytest.raises(RuntimeError, match="not available"):
-        resolve_impl("cuda", torch.device("cpu"))
+        impl_for("cuda", GateConfig(), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="not available"):  # gate_step_ checks an explicit name too
+        gate_step_(GateState.create(2, "cpu"), torch.tensor(1.0), GateConfig(window=2), impl="cuda")
 
 
 @needs_cpp

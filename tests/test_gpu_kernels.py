@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dgg_fused import GateConfig, GatedOptimizer
-from dgg_fused.gate import resolve_impl
+from dgg_fused.gate import impl_for
 from dgg_fused.ops import available_backends, grad_sumsq, resolve_backend
 from dgg_fused.ops.reference import grad_sumsq_reference
 from helpers import batch, loss_fn, make_model
@@ -34,7 +34,7 @@ def _ref64(ts):
 def test_auto_choices_on_cuda():
     dev = torch.device("cuda")
     assert resolve_backend("auto", dev, [torch.bfloat16]) == GPU_BACKENDS[0]
-    assert resolve_impl("auto", dev) in ("triton", "cuda")
+    assert impl_for("auto", GateConfig(), dev) in ("triton", "cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -176,7 +176,7 @@ def test_gated_step_inside_cuda_graph():
 
 def test_two_launches_per_gated_step():
     """With the Triton backend the energy's stage 1 and the fused epilogue are the only kernels the gate adds."""
-    if resolve_impl("auto", torch.device("cuda")) != "triton":
+    if impl_for("auto", GateConfig(), torch.device("cuda")) != "triton":
         pytest.skip("Triton not available")
     model, opt = _cuda_model_and_opt(None, inner=lambda p: torch.optim.SGD(p, lr=1e-2, fused=True))
     loss_fn(model, _cuda_batch(0)).backward()

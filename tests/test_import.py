@@ -111,3 +111,40 @@ def test_core_imports_form_no_cycle_and_are_all_at_module_level():
 def test_the_core_never_imports_demo_or_integrations():
     for src, dst, _ in _imports(_core_modules()):
         assert not dst.startswith(("dgg_fused.demo", "dgg_fused.integrations")), (src, dst)
+
+
+def _core_private_names() -> set[str]:
+    """Private names the core defines: ``self._x`` attributes, ``_x`` functions, methods and module globals."""
+    names: set[str] = set()
+    for path in _core_modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_"):
+                names.add(node.attr)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith("_"):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith("_"):
+                names.add(node.id)
+    return {n for n in names if not (n.startswith("__") and n.endswith("__"))}
+
+
+def test_integrations_touch_nothing_private_of_the_core():
+    """The integrations use the public seam (decide_ / apply_ / step_hooks, record_energy, ...), never a private
+    attribute, function or module of the core: a grep of their source for the core's private names."""
+    import torch
+
+    private = _core_private_names()
+    assert {"_gate", "_meter", "_plan"} <= private  # the scan sees the core's internals
+    # and the torch.optim.Optimizer internals the wrapper sets up for itself (its step-hook dicts, ...)
+    private |= {k for k in vars(torch.optim.SGD([torch.zeros(1, requires_grad=True)])) if k.startswith("_")}
+    bad = []
+    for path in sorted((ROOT / "integrations").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                bad.append(f"{path.name}:{node.lineno}: .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                mod = node.module or ""
+                if any(part.startswith("_") for part in mod.split(".")):
+                    bad.append(f"{path.name}:{node.lineno}: from {'.' * node.level}{mod}")
+                bad += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not bad, "private core names used by dgg_fused/integrations: " + ", ".join(bad)

@@ -84,14 +84,13 @@ def test_triton_epilogue_takes_triton_partials():
     assert torch.equal(a.last[0], b.last[0]) and torch.equal(a.window, b.window)
 
 
-def test_grad_sumsq_partials_add_up_to_the_energy():
-    from dgg_fused.ops import grad_sumsq_partials
+def test_triton_partials_add_up_to_the_energy():
+    from dgg_fused.ops import kernel
 
     ts = [torch.randn(200_000).bfloat16(), torch.randn(77)]
-    parts = grad_sumsq_partials(ts, backend="triton")
-    assert parts is not None and parts.dim() == 1 and parts.numel() > 1
+    parts = kernel("triton", partials=True)(ts)
+    assert parts.dim() == 1 and parts.numel() > 1
     assert torch.equal(parts.double().sum().float(), grad_sumsq(ts, backend="triton"))
-    assert grad_sumsq_partials(ts, backend="torch") is None
 
 
 def test_opcheck_triton_backend():
@@ -173,7 +172,7 @@ def test_optimizer_with_triton_backend_takes_the_partials_path():
     """backend="triton": the energy is handed to the gate as stage-1 partials, the Triton epilogue adds them (the
     CUDA fast path, here interpreted); decisions and energies equal the reference backend's, also with a scale."""
     from dgg_fused import GateConfig, GatedOptimizer
-    from dgg_fused.energy import EnergyMeter
+    from dgg_fused.testing import internals
 
     def run(backend, scaled=False):
         torch.manual_seed(0)
@@ -199,13 +198,32 @@ def test_optimizer_with_triton_backend_takes_the_partials_path():
         return opt, out
 
     opt, tri = run("triton")
-    assert opt._gate_impl == "triton"
-    meter = EnergyMeter([torch.nn.Parameter(torch.ones(300))], backend="triton")
-    meter.params[0].grad = torch.ones(300)
-    assert meter.measure().value.dim() == 1  # partials
+    assert opt.plan.gate_impl == "triton" and opt.plan.energy_backend == "triton" and opt.plan.partials
+    for p in opt.lm_head_params:
+        p.grad = torch.ones_like(p)
+    assert internals(opt).meter.measure().value.dim() == 1  # the energy as stage-1 partials
     _, ref = run("torch")
     _, tri_scaled = run("triton", scaled=True)
     for got in (tri, tri_scaled):
         assert [s for _, s in got] == [s for _, s in ref] and any(s for _, s in got)
         for (a, _), (b, _) in zip(got, ref):
             assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_tile_offsets_past_2_31_are_64_bit():
+    """The H200 run lost every element past 2**31 (and the tile straddling it): the tile base `span * t` was
+    computed in 32 bits. Here a hand-made layout places a small tensor at global element 2**31 (tile 2048 of span
+    2**20; the 2048 tiles before it are empty), so the index arithmetic is that of a > 2**31-element input without
+    allocating one."""
+    from dgg_fused.ops import triton_sumsq as ts
+
+    span, t0 = 2**20, 2048
+    x = torch.arange(1, 5001, dtype=torch.float32) / 64.0
+    rows = [t0 * span, x.numel(), 0] + [0, -1] * t0 + [0, 0]  # (start, numel, dtype) | (first, last) per tile
+    layout = torch.tensor(rows, dtype=torch.int64)
+    addrs = torch.tensor([x.data_ptr()], dtype=torch.int64)
+    partials = torch.full((t0 + 1,), float("nan"))
+    ts._sumsq_partials_kernel[(1,)](addrs, layout, 1, t0 + 1, span, partials, SUB=ts.SUB, UNROLL=ts.UNROLL,
+                                    ALIGNED=False, num_warps=ts.NUM_WARPS)
+    assert torch.equal(partials[:t0], torch.zeros(t0))
+    torch.testing.assert_close(partials[t0].double(), _ref([x]), rtol=1e-6, atol=0)

@@ -77,3 +77,51 @@ def test_whole_model_as_lm_head_is_rejected():
     with pytest.raises(ValueError, match="not the whole model"):
         GatedOptimizer(opt, lm_head=model, config=GateConfig())
     GatedOptimizer(opt, lm_head=model[-1])  # the projection itself is fine
+
+
+def test_find_lm_head_says_which_candidate_it_rejected_and_why():
+    """Regression (issue 17, edge 11): a model whose `head` is not vocabulary-sized was said to have none of the
+    candidate attributes."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(37, 16)
+            self.head = nn.Linear(16, 10)  # a classifier head: 10 rows, not the 37-token vocabulary
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    with pytest.raises(ValueError, match=r"it has 'head' \(Linear: its weight \(10, 16\) does not have the input "
+                                         r"embedding's 37 rows\), not an output projection"):
+        find_lm_head(Net())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Embedding(9, 4), nn.Linear(4, 4), nn.Linear(4, 9)),  # 3 modules with parameters
+    lambda: _Tiny(),                                                              # a model with an lm_head child
+])
+def test_small_whole_models_are_rejected_too(make):
+    """Regression (issue 17, edge 12): only more than 3 modules with parameters were refused; a 3-module model
+    passed and the gate watched every parameter."""
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    with pytest.raises(ValueError, match="not the whole model"):
+        GatedOptimizer(opt, lm_head=model)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 9)
+
+
+def test_heads_with_a_bias_a_norm_or_a_wrapper_are_accepted():
+    head = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 9))  # a norm and a projection
+    opt = torch.optim.AdamW(head.parameters(), fused=True)
+    assert len(GatedOptimizer(opt, lm_head=head).lm_head_params) == 4
+    wrapper = nn.Module()
+    wrapper.output = nn.Linear(4, 9)  # a wrapper around the projection alone
+    opt = torch.optim.AdamW(wrapper.parameters(), fused=True)
+    assert len(GatedOptimizer(opt, lm_head=wrapper).lm_head_params) == 2

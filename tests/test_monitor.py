@@ -195,6 +195,17 @@ def test_trip_effect_hand_case():
     assert trip_effect(_steps(), "s", 100.0).removed_steps == 0
 
 
+def test_trip_effect_ids_repeating_across_epochs():
+    """Regression (issue 17, edge 10): batches were keyed by id only, so when the same ids came back in a later
+    epoch their first-pass steps counted as removed (3 instead of 1 here)."""
+    epoch = [{"batch": 0, "reuse_index": 1, "delta": 0.1, "s": 0.0},
+             {"batch": 0, "reuse_index": 2, "delta": -0.3, "s": 9.0}]  # trips
+    again = [{"batch": 0, "reuse_index": 1, "delta": 0.2, "s": 0.0},   # the same id, a new epoch: not removed
+             {"batch": 0, "reuse_index": 1, "delta": 0.2, "s": 0.0}]
+    e = trip_effect(epoch + again, "s", 1.0)
+    assert (e.trips, e.removed_steps) == (1, 1) and e.removed_delta == pytest.approx(-0.3)
+
+
 def test_harm_oracle_records_changes_and_signals():
     w = {"v": 0.0}
     calls = []

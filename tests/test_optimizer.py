@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from dgg_fused import GateConfig, GatedOptimizer
+from dgg_fused.skip import StepDecision
 from dgg_fused.ops.reference import grad_sumsq_reference
+from dgg_fused.testing import internals
 from helpers import (
     FUSED,
     OPTIMIZERS,
@@ -118,7 +120,7 @@ def test_nonfinite_energy_trips_and_never_enters_window():
     model = make_model()
     opt = gated("adamw_fused", model, TRIP)
     fill_window(model, opt)
-    window_before = opt._gate.window.clone()
+    window_before = internals(opt).gate.window.clone()
     opt.set_reuse_index(2)
     loss_fn(model, batch(7)).backward()
     model.lm_head.weight.grad[0, 0] = float("nan")
@@ -126,8 +128,8 @@ def test_nonfinite_energy_trips_and_never_enters_window():
     opt.step()
     assert_bit_identical(before, snapshot(model, opt), "nan gradient")
     assert opt.reuse_stopped
-    assert torch.equal(opt._gate.window, window_before)
-    assert torch.isfinite(opt._gate.prev_energy)
+    assert torch.equal(internals(opt).gate.window, window_before)
+    assert torch.isfinite(internals(opt).gate.prev_energy)
 
 
 def test_fused_sgd_first_step_skip_leaves_no_uninitialised_momentum():
@@ -391,12 +393,12 @@ def test_step_without_lm_head_grad_raises_and_changes_nothing():
     model = make_model()
     opt = gated("adamw_fused", model)
     model.mlp[0].weight.grad = torch.ones_like(model.mlp[0].weight)
-    before = snapshot(model, opt), opt._gate.state_dict()
+    before = snapshot(model, opt), internals(opt).gate.state_dict()
     with pytest.raises(RuntimeError, match="no .grad"):
         opt.step()
     assert_bit_identical(before[0], snapshot(model, opt))
     for k, v in before[1].items():
-        torch.testing.assert_close(v, getattr(opt._gate, k), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(v, getattr(internals(opt).gate, k), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("k", [0, 5, -1, 2.0, True])
@@ -434,7 +436,7 @@ def test_deepcopy_and_pickle_after_an_lr_scheduler_step_the_copy():
     clipping.step()
     clipping.record_energy()
     for o in (copy.deepcopy(clipping), pickle.loads(pickle.dumps(clipping))):
-        assert o.max_grad_norm == 1.0 and o._energy.take() is None
+        assert o.max_grad_norm == 1.0 and internals(o).meter.pending is None
 
 
 def test_config_is_read_only():
@@ -492,13 +494,27 @@ def test_nested_passes_raise_and_numpy_reuse_index_is_accepted():
     np = pytest.importorskip("numpy")
     model = make_model()
     opt = gated("adamw_fused", model)
-    for k in opt.passes(2):
-        with pytest.raises(RuntimeError, match="nested"):
-            next(iter(opt.passes()))
-        assert opt.reuse_index == k
+    outer = opt.passes(2)
+    assert next(outer) == 1
+    assert list(opt.passes()) == [1, 2, 3, 4]  # a later passes() supersedes the earlier one ...
+    with pytest.raises(RuntimeError, match="superseded.*nested"):
+        next(outer)  # ... and resuming the superseded (outer) loop is the error
     opt.set_reuse_index(np.int64(3))
     assert opt.reuse_index == 3 and type(opt.reuse_index) is int
     assert list(opt.passes(np.int64(1))) == [1]
+
+
+def test_an_abandoned_passes_iterator_does_not_break_the_next_batch():
+    """Regression (issue 17, edge 7): `it = opt.passes(); for k in it: ... break` used to leave the optimizer
+    "already iterating", so the next batch's passes() raised although nothing was nested."""
+    model = make_model()
+    opt = gated("adamw_fused", model)
+    it = opt.passes()
+    for k in it:
+        train_step(model, opt, k)
+        break
+    assert [k for k in opt.passes()] == [1, 2, 3, 4]  # the next batch: every pass
+    assert opt.reuse_index == 4
 
 
 def test_step_hooks_run_once_per_step_and_torch_never_wraps_the_step_again():
@@ -567,3 +583,127 @@ def test_decide_is_the_gates_half_of_step():
         b.zero_grad()
         assert_bit_identical(snapshot(m_a, a), snapshot(m_b, b), f"step {i}")
     assert a.get_metrics() == b.get_metrics() and a.get_metrics()["gated_steps"] == 1
+
+
+# ---------------------------------------------------------------- copies, settings, construction (issue 17 edges)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_fused_optimizer_stays_on_the_sync_free_path(how):
+    """Regression (issue 17, edge 2): torch drops _step_supports_amp_scaling from a copied optimizer, and the copy
+    left the sync-free path: a host sync per reuse step, a "without fused=True" warning, fold_clip ignored (the
+    gradients multiplied: other bits) and the energy hook's measurement never used."""
+    model = make_model(bias=True)
+    opt = GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=model.lm_head, config=TRIP,
+                         max_grad_norm=0.05, fold_clip=True, energy_hook=True)
+    fill_window(model, opt)
+    c = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert c.plan == opt.plan and c.plan.skip_path == "found_inf" and c._step_supports_amp_scaling and c.energy_hook
+    orig, mine = ([p for g in o.param_groups for p in g["params"]] for o in (opt, c))
+    names = [n for n, _ in model.named_parameters()]
+    for k, scale in ((2, 1.0), (3, 1e3)):  # a clipped reuse step (applied), then a spike (gated)
+        for o, ps in ((opt, orig), (c, mine)):
+            o.set_reuse_index(k)
+            ids, tgt = batch(40 + k)
+            logits = torch.func.functional_call(model, dict(zip(names, ps)), (ids,))
+            (torch.nn.functional.cross_entropy(logits, tgt) * scale).backward()  # the hooks measure
+        measured = []
+        meter = internals(c).meter
+        meter.measure = lambda *a, _m=meter.measure, **kw: (measured.append(1), _m(*a, **kw))[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "without fused=True" warning
+            with record_syncs() as rec:
+                c.step()
+        del meter.measure
+        opt.step()
+        assert rec.events == [], rec.events
+        assert measured == []  # the hook's measurement was the step's (and the clip reused it)
+        assert all(torch.equal(p, q) for p, q in zip(orig, mine))  # folded like the original: same bits
+        assert c.get_metrics() == opt.get_metrics()
+        assert c.get_metrics()["gated"] == float(scale > 1)
+        opt.zero_grad()
+        c.zero_grad()
+
+
+def test_settings_are_validated_after_construction_too():
+    """Regression (issue 17, edge 3): max_grad_norm = -1.0 (flips every gradient's sign) or 0.0 (zeroes every
+    update) and skip_mode = "bogus" were accepted after construction."""
+    model = make_model()
+    opt = gated("adamw_fused", model, max_grad_norm=1.0)
+    for bad in (-1.0, 0.0, float("inf"), float("nan"), "1.0"):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            opt.max_grad_norm = bad
+    assert opt.max_grad_norm == 1.0
+    opt.max_grad_norm = 2  # a valid change is taken (as a float)
+    assert opt.max_grad_norm == 2.0 and isinstance(opt.max_grad_norm, float)
+    opt.max_grad_norm = None
+    with pytest.raises(AttributeError, match="skip_mode is read-only"):
+        opt.skip_mode = "bogus"
+    with pytest.raises(TypeError, match="fold_clip"):
+        opt.fold_clip = 1
+    assert opt.skip_mode == "auto" and opt.fold_clip is False
+
+
+def test_an_unavailable_backend_raises_at_construction_even_for_a_drift_only_clip():
+    """Regression (issue 17, edge 9): a drift-only gate with max_grad_norm and backend="cuda" on a CPU model
+    constructed and failed at the first step()."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    model = make_model()
+    cfg = GateConfig(energy=False, drift="approx_kl")
+    for kw in ({"max_grad_norm": 1.0}, {}):
+        with pytest.raises(RuntimeError, match="not available for cpu"):
+            GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None, config=cfg, backend="cuda", **kw)
+    opt = GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None, config=cfg)
+    opt.max_grad_norm = 1.0  # "auto" resolves on every device
+
+
+# ---------------------------------------------------------------- the public seam: decide_ / apply_
+@quiet_host_path
+@pytest.mark.parametrize("name", ["adamw_fused", "sgd_momentum_fused", "adamw_foreach"])
+def test_decide_then_apply_is_step_bit_for_bit(name):
+    """step() is decide_() then apply_(): an engine using the seam gets exactly the plain step, trips included; an
+    energy handed to decide_(energy=) acts like record_energy(energy=) before step()."""
+    runs = []
+    for seam in (False, True):
+        model = make_model()
+        opt = gated(name, model, TRIP, max_grad_norm=0.5)
+        metrics = []
+        for b in range(4):
+            for k in (1, 2, 3):
+                opt.set_reuse_index(k)
+                loss_fn(model, batch(10 * b + k), 1e3 if (b, k) == (3, 2) else 1.0).backward()
+                e = internals(opt).meter.measure().total() * (2.0 if b == 2 else 1.0)
+                if seam:
+                    d = opt.decide_(energy=e)
+                    assert isinstance(d, StepDecision)
+                    opt.apply_(d)
+                else:
+                    opt.record_energy(energy=e)
+                    opt.step()
+                metrics.append(opt.get_metrics())
+                opt.zero_grad()
+        runs.append((snapshot(model, opt), metrics))
+    assert_bit_identical(runs[0][0], runs[1][0], f"{name}: seam vs step")
+    assert runs[0][1] == runs[1][1] and any(m["gated"] for m in runs[0][1])
+
+
+def test_decide_once_apply_many_and_the_step_hooks_run_once():
+    """What the DeepSpeed mode does: one decision per training step, inside step_hooks(), applied to several inner
+    calls (here: twice; a skipped decision stays skipped on every call)."""
+    model = make_model()
+    opt = gated("adamw_fused", model, TRIP)
+    fill_window(model, opt)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, kw: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, kw: calls.append("post"))
+    opt.set_reuse_index(2)
+    loss_fn(model, batch(9), 1e3).backward()
+    before = snapshot(model, opt)
+    with opt.step_hooks():
+        d = opt.decide_()
+    opt.apply_(d)
+    opt.apply_(d)
+    assert calls == ["pre", "post"]
+    assert_bit_identical(before, snapshot(model, opt), "a skipped decision applied twice")
+    with pytest.raises(ValueError, match="reads no lm_head energy"):
+        GatedOptimizer(OPTIMIZERS["adamw_fused"](model.parameters()), lm_head=None,
+                       config=GateConfig(energy=False, drift="approx_kl")).decide_(energy=torch.tensor(1.0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dgg_fused import GateConfig, GatedOptimizer
+from dgg_fused.testing import internals
 from helpers import assert_bit_identical, batch, loss_fn, make_model, snapshot
 
 pytestmark = [
@@ -43,14 +44,16 @@ def test_step_is_sync_free_and_exact_on_cuda(make_inner):
     torch.cuda.set_sync_debug_mode("error")
     try:
         opt.step()  # gated
+        tripped = opt.metrics["gated"].clone()  # a device copy: "gated" is the last step's, read after the next one
         opt.set_reuse_index(3)
-        opt.step()  # stopped batch
+        opt.step()  # stopped batch: skipped, but not a trip of its own
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_bit_identical(before, snapshot(model, opt), "gated CUDA step")
     assert opt.poll_reuse_stopped(block=True)
     m = opt.get_metrics()
-    assert m["gated"] == 1.0 and m["stopped_batches"] == 1 and m["gated_steps"] == 2
+    assert tripped.item() == 1.0 and (m["gated"], m["skipped"]) == (0.0, 1.0)
+    assert m["stopped_batches"] == 1 and m["gated_steps"] == 2
 
 
 @pytest.mark.parametrize("micro", [1, 3])
@@ -68,11 +71,14 @@ def test_energy_hook_side_stream_matches_the_step_and_never_syncs(micro):
         energies = []
         for b in range(6):
             opt.set_reuse_index(b % 3 + 1)
+            # host-to-device copies of the batches before the recorded region: each `.cuda()` of a pageable CPU
+            # tensor is a synchronizing copy (the 2 warnings per backward of the first H200 run)
+            data = [_cuda_batch(10 * b + i) for i in range(micro)]
             with record_syncs() as rec:
-                for i in range(micro):
-                    loss_fn(model, _cuda_batch(10 * b + i), 40.0 if b == 4 else 1.0).backward()
+                for d in data:
+                    loss_fn(model, d, 40.0 if b == 4 else 1.0).backward()
                 if hook:
-                    pending = opt._energy._pending
+                    pending = internals(opt).meter.pending
                     assert pending is not None and pending.event is not None
                 opt.step()
             if b > 0:  # the first step allocates optimizer state
@@ -82,3 +88,31 @@ def test_energy_hook_side_stream_matches_the_step_and_never_syncs(micro):
         runs.append((torch.stack(energies).cpu(), [p.detach().cpu() for p in model.parameters()]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_watch_is_the_bare_fused_optimizer_and_sync_free_on_cuda():
+    """action="watch" on CUDA: the rule fires on the spike and is recorded, no step is dropped, no host sync, and
+    the parameters and state equal the unwrapped fused AdamW's bit for bit."""
+    import dataclasses
+
+    runs = []
+    for cfg in (None, dataclasses.replace(TRIP, action="watch")):
+        model = make_model().cuda()
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        opt = inner if cfg is None else GatedOptimizer(inner, lm_head=model.lm_head, config=cfg)
+        data = [(b, k, _cuda_batch(10 * b + k)) for b in range(4) for k in (1, 2)]
+        for i, (b, k, d) in enumerate(data):
+            if cfg is not None:
+                opt.set_reuse_index(k)
+            loss_fn(model, d, 1e3 if (b, k) == (3, 2) else 1.0).backward()
+            if i:  # the first step allocates optimizer state
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            opt.zero_grad()
+        runs.append((snapshot(model, opt), None if cfg is None else opt.get_metrics()))
+    assert_bit_identical(runs[0][0], runs[1][0], "watch on CUDA")
+    m = runs[1][1]
+    assert m["gated"] == 1.0 and m["skipped"] == 0.0 and m["gated_steps"] == 0

@@ -304,7 +304,7 @@ def parse_arm(spec: str, gate: GateConfig, target_kl: float) -> Arm:
     if base in ("dgg", "gate"):
         g = dataclasses.replace(gate, max_reuse=K, **kw)
     elif base == "klgate":
-        g = dataclasses.replace(gate, max_reuse=K, energy=False, drift="approx_kl", drift_threshold=tkl, **kw)
+        g = GateConfig.recommended(**{"max_reuse": K, "drift_threshold": tkl, "window": gate.window, **kw})
     elif base == "dgg-or-kl":
         g = dataclasses.replace(gate, max_reuse=K, drift="approx_kl", drift_threshold=tkl, combine="any", **kw)
     else:

@@ -13,7 +13,7 @@ setting and whether it runs alone or beside other runs (``tests/test_demo.py`` c
 
 ``observe=True`` adds the harm oracle (:class:`dgg_fused.monitor.HarmOracle`): the exact expected reward after
 every optimizer step, and per step the candidate gate signals: the lm_head energy Z-score *as the gate computes
-it* (a watch-only :class:`~dgg_fused.GatedOptimizer` whose tau cannot be reached, read through ``get_metrics()``),
+it* (a watch-only :class:`~dgg_fused.GatedOptimizer`, ``GateConfig(action="watch")``, read through ``get_metrics()``),
 the raw energy, approximate KL, clip fraction, max |log ratio|, the pre-clip gradient norm and the reuse index.
 Observing does not change the run (a test checks that naive K=4 is bit-identical with and without it).
 """
@@ -42,9 +42,6 @@ from .warmstart import WarmStartConfig
 
 __all__ = ["DemoConfig", "PreparedTask", "prepare_task", "run_arm", "RunResult", "BatchRecord", "Counts",
            "one_thread", "HELDOUT_SEED", "ORACLE_SEED"]
-
-#: tau of the watch-only gate that reads the Z-score without ever tripping.
-_WATCH_TAU = 1e30
 
 
 @dataclass(frozen=True)
@@ -195,9 +192,9 @@ class _Run:
             self.model.load_state_dict(warm_state)
         self.model.train()
         self.inner = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
-        # observed: the gate's Z-score without its decisions, a tau no statistic reaches (never trips, so the
-        # wrapped step is the inner step: same numbers)
-        watch = dataclasses.replace(cfg.gate, tau=_WATCH_TAU) if observe else None
+        # observed: the paper's rule evaluated without acting on it (GateConfig(action="watch"): never skips or
+        # stops, so the wrapped step is the inner step, bit for bit)
+        watch = dataclasses.replace(cfg.gate, action="watch") if observe else None
         self.strategy = arm.start(RunContext(self.model, self.inner, watch, self._judge))
         self.opt = self.strategy.opt
         self.oracle = HarmOracle(self._expected) if observe else None

@@ -3,7 +3,7 @@
 * :mod:`.state` — :class:`GateState`, the device-resident state (and its validated checkpoint form).
 * :mod:`.reference` — the rule as pure tensor functions (the definition every twin is tested against).
 * :mod:`.fused` — the fused twins as ``torch.library`` ops: C++ (CPU) / CUDA from the compiled extension, Triton.
-* This module — :func:`resolve_impl`, the one place that picks among them, and :func:`gate_step_`.
+* This module — :func:`gate_step_`, the one gate step (the optimizer's and the tests'), and :func:`impl_for`.
 
 The gate does not know how the energy was measured (``dgg_fused.energy``) nor what an optimizer is; the kernels do
 not know what a gate is (they receive tensors and numbers). The rule is written down in ``docs/rule.md``.
@@ -14,44 +14,37 @@ from __future__ import annotations
 import torch
 
 from ..config import GateConfig
-from ..ops import available_backends
+from ..ops import resolve_backend
 from .fused import update_fused_
 from .reference import energy_from, update_reference_, zscore
 from .state import CNT_GATED_STEPS, CNT_STEPS, CNT_STOPPED_BATCHES, GateState
 
-__all__ = ["GateState", "gate_step_", "zscore", "energy_from", "resolve_impl", "impl_for_backend", "IMPLS",
-           "step_resolved_", "impl_for_config", "CNT_STEPS", "CNT_GATED_STEPS", "CNT_STOPPED_BATCHES"]  # fmt: skip
+__all__ = ["GateState", "gate_step_", "impl_for", "zscore", "energy_from", "IMPLS", "CNT_STEPS", "CNT_GATED_STEPS",
+           "CNT_STOPPED_BATCHES"]  # fmt: skip
 
 #: Implementations of the rule: the torch reference and the fused twins.
 IMPLS = ("reference", "triton", "cuda", "cpp")
+#: The gate implementation that goes with each energy backend (``"torch"``: the reference rule).
+_IMPL_OF_BACKEND = {"triton": "triton", "cuda": "cuda", "cpp": "cpp", "torch": "reference"}
 
 
-def impl_for_backend(backend: str) -> str:
-    """The gate implementation that goes with an energy ``backend`` name: ``backend=`` of
-    :class:`~dgg_fused.GatedOptimizer` governs both (``"torch"`` -> ``"reference"``, ``"auto"`` -> ``"auto"``)."""
-    return "reference" if backend == "torch" else backend
+def impl_for(impl: str, config: GateConfig, device: torch.device | str) -> str:
+    """The gate implementation ``impl`` names for ``config`` on ``device``.
 
-
-def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """The one place the gate implementation is chosen.
-
-    ``"auto"``: on CUDA ``"triton"``, else ``"cuda"``; on CPU ``"cpp"`` (the C++ twin: one call instead of ~100
-    small torch ops) when the extension is built; else ``"reference"``. An explicit name that is unavailable on
-    ``device`` raises ``RuntimeError``; an unknown one ``ValueError``. (Under ``torch.compile``,
-    :func:`gate_step_` runs the reference, whose ops Inductor fuses.)
+    ``impl`` is ``"auto"``, ``"reference"``, or a backend name of :data:`dgg_fused.ops.BACKENDS` (the twin of that
+    backend; ``"torch"`` is the reference): resolved by :func:`dgg_fused.ops.resolve_backend`, the one resolver
+    (``"auto"``: Triton, else CUDA on a GPU; C++ on CPU; else the reference; an explicit unavailable name raises
+    ``RuntimeError``). A rule only the reference implements (:attr:`GateConfig.reference_only`: a drift statistic,
+    ``action="watch"``) runs the reference; with an explicit fused ``impl`` that raises ``ValueError``.
     """
-    if impl != "auto" and impl not in IMPLS:
-        raise ValueError(f"gate impl must be 'auto' or one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return impl
-    dev = torch.device(device)
-    avail = available_backends(dev)
-    if impl == "auto":
-        prefs = ("triton", "cuda") if dev.type == "cuda" else ("cpp",) if dev.type == "cpu" else ()
-        return next((name for name in prefs if name in avail), "reference")
-    if impl not in avail:
-        raise RuntimeError(f"gate impl {impl!r} is not available for {dev.type} tensors; available: {avail}")
-    return impl
+    if config.reference_only:  # (a fused twin's name is the name of the backend it goes with)
+        if impl not in ("auto", "torch"):
+            raise ValueError(f"gate impl={impl!r} implements the energy rule with action='skip'; this gate "
+                             "(a drift statistic or action='watch') runs 'reference'")
+        return "reference"
+    return _IMPL_OF_BACKEND[resolve_backend(impl, device)]
 
 
 def gate_step_(
@@ -83,50 +76,21 @@ def gate_step_(
       a non-finite value counting as exceeded; it combines with the energy rule by ``config.combine`` (``"any"``:
       either trips; ``"all"``: both must). Trips, stops and windows then follow the same rules as above.
       ``config.energy=False``: only the drift rule; ``energy`` may be None.
+    * ``config.action="watch"``: the same rule, recorded (``gated`` = it fired) but never acted on: the skip flag
+      stays 0, no batch stops, and every observed step counts as applied.
 
-    ``impl``: ``"auto"`` or one of :data:`IMPLS`, resolved by :func:`resolve_impl` (callers that step often resolve
-    once and pass the resolved name). Every implementation computes the same rule (to rounding of the window sums).
-    The fused twins cover the energy-only rule: with a drift statistic configured the reference runs (still on the
-    device, no sync), and an explicit fused ``impl`` raises ``ValueError``.
+    ``impl``: see :func:`impl_for` (the optimizer passes the name its plan resolved at construction). Every
+    implementation computes the same rule (to rounding of the window sums). Under ``torch.compile`` the reference
+    runs (Inductor fuses its ops; no graph break, no opaque op).
     """
-    impl = impl_for_config(impl, config)
     if config.uses_drift and drift is None:
         raise ValueError(f"gate_step_: GateConfig.drift={config.drift!r} needs this step's drift value (drift=...)")
     if config.energy and energy is None:
         raise ValueError("gate_step_: the energy rule needs this step's lm_head energy")
-    if not torch.compiler.is_compiling():
-        impl = resolve_impl(impl, state.device)
-    return step_resolved_(
-        state, energy, config, impl, grad_scale=grad_scale, external_skip=external_skip, drift=drift
-    )
-
-
-def impl_for_config(impl: str, config: GateConfig) -> str:
-    """``impl`` for a gate with ``config``: a drift gate runs the reference (``"auto"`` -> ``"reference"``; a fused
-    name raises ``ValueError``: the twins implement the energy-only rule)."""
-    if config.uses_drift:
-        if impl not in ("auto", "reference"):
-            raise ValueError(f"gate impl={impl!r} implements the energy-only rule; a drift gate runs 'reference'")
-        return "reference"
-    return impl
-
-
-def step_resolved_(
-    state: GateState,
-    energy: torch.Tensor | None,
-    config: GateConfig,
-    impl: str,
-    *,
-    grad_scale: torch.Tensor | None = None,
-    external_skip: torch.Tensor | None = None,
-    drift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`gate_step_` with ``impl`` already resolved (the optimizer resolves it once, at construction)."""
+    if impl != "reference" and not torch.compiler.is_compiling():
+        impl = impl_for(impl, config, state.device)
     if impl == "reference" or torch.compiler.is_compiling():
-        # under torch.compile Inductor fuses the reference's ops itself (no graph break, no opaque op)
-        update_reference_(
-            state, energy, config, grad_scale=grad_scale, external_skip=external_skip, drift=drift
-        )
+        update_reference_(state, energy, config, grad_scale=grad_scale, external_skip=external_skip, drift=drift)
     else:
         update_fused_(impl, state, energy, config, grad_scale=grad_scale, external_skip=external_skip)
     return state.skip

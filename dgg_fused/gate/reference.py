@@ -68,7 +68,9 @@ def update_reference_(
     drift: torch.Tensor | None = None,
 ) -> None:
     """The rule of ``docs/rule.md`` on ``state`` (in place); see :func:`dgg_fused.gate.gate_step_`. ``energy`` may
-    be None only without the energy rule (``config.energy=False``); ``drift`` is needed when ``config.uses_drift``."""
+    be None only without the energy rule (``config.energy=False``); ``drift`` is needed when ``config.uses_drift``.
+    With ``config.action="watch"`` a trip is recorded (``last``'s gated flag, the trips counter) but the step is not
+    skipped and the batch does not stop."""
     dev = state.device
     if energy is None:
         e = torch.full((), float("nan"), dtype=torch.float32, device=dev)
@@ -122,7 +124,10 @@ def update_reference_(
 
     active = (k > 1) & observed
     trip = active & cond
-    skipped = stopped_before | trip
+    if config.action == "skip":
+        skipped = stopped_before | trip
+    else:  # watch: the trip is recorded, nothing is dropped and no batch stops
+        skipped = torch.zeros_like(trip)
 
     ref = config.reference_code
     if ref == Reference.FIRST_PASS:

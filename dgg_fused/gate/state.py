@@ -206,8 +206,18 @@ def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None) ->
     df = int(sd["drift_filled"].cpu())
     if not (0 <= df <= w):
         raise ValueError(f"gate state 'drift_filled' must be in [0, {w}], got {df}")
+    if k == 1 and bool(sd["stopped"].cpu()):
+        raise ValueError("gate state: 'stopped' is set with reuse_index 1 (a new batch starts unstopped, and a first "
+                         "pass never trips)")
     w_vals = sd["window"]
     for row in range(2):
         f = filled[row]
         if f and not bool(torch.isfinite(w_vals[row, w - f :]).all()):
             raise ValueError(f"gate state 'window' row {row} holds non-finite values among its {f} valid entries")
+    if filled[0] and bool((w_vals[0, w - filled[0] :] < 0).any()):
+        raise ValueError("gate state 'window' row 0 (energies, sums of squares) holds negative values")
+    prev = float(sd["prev_energy"].cpu())
+    if not (prev != prev or 0.0 <= prev < float("inf")):
+        raise ValueError(f"gate state 'prev_energy' must be a finite energy >= 0 or NaN (none yet), got {prev}")
+    if df and not bool(torch.isfinite(sd["drift_window"][w - df :]).all()):
+        raise ValueError(f"gate state 'drift_window' holds non-finite values among its {df} valid entries")

@@ -59,6 +59,11 @@ class DriftAccumulator:
     def __init__(self) -> None:
         self._acc: list | None = None  # [kl_sum, clip_sum, tokens, ratio_max]
 
+    @property
+    def empty(self) -> bool:
+        """No micro-batch was added since the last :meth:`record`."""
+        return self._acc is None
+
     def add(self, logp_new: Any, logp_old: Any, mask: Any, *, clip_eps: float = 0.2) -> None:
         """Add one micro-batch (see :func:`dgg_fused.drift_stats` for the arguments)."""
         import torch

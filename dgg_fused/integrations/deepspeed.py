@@ -23,12 +23,14 @@ What DeepSpeed does to a client optimizer, and how the gate copes (deepspeed 0.1
   the gradients were reduced and before ZeRO unscales and clips them. Under fp16 the gradients are still scaled
   by the loss scale: the energy is divided by ``loss_scale**2``, and a non-finite energy there is an overflow
   (ZeRO drops that step itself; the gate ignores it, as it ignores a GradScaler overflow).
-* **One decision per engine step.** ZeRO calls the client ``step()`` once per parameter group (ZeRO-1/2) or per
-  sub-group (ZeRO-3, ``sub_group_size``). The gate decides once, before the first call, and every client call of
-  that engine step applies the same decision through torch's ``found_inf`` protocol (fused Adam/AdamW/SGD/Adagrad:
-  exact skip on the device, the inner ``step`` counters restored). Counted once: ``steps`` grows by one per
-  engine step. Inner optimizers without the protocol (DeepSpeed's own FusedAdam / DeepSpeedCPUAdam) take the host
-  path: the decision is read once per engine step on reuse passes and the client calls are not made.
+* **One decision per engine step**, on the public seam. ZeRO calls the client ``step()`` once per parameter group
+  (ZeRO-1/2) or per sub-group (ZeRO-3, ``sub_group_size``). The gate decides once, before the first call
+  (:meth:`~dgg_fused.GatedOptimizer.decide_` with the ZeRO energy, inside the optimizer's step hooks), and every
+  client call of that engine step applies the same decision (:meth:`~dgg_fused.GatedOptimizer.apply_`): through
+  torch's ``found_inf`` protocol for fused Adam/AdamW/SGD/Adagrad (exact skip on the device, the inner ``step``
+  counters restored). Counted once: ``steps`` grows by one per engine step. Inner optimizers without the protocol
+  (DeepSpeed's own FusedAdam / DeepSpeedCPUAdam) take the host path: the decision is read once per engine step on
+  reuse passes and the client calls of a dropped step do nothing.
 * **Checkpoints.** ``engine.save_checkpoint`` stores the client's ``state_dict()`` (with the gate under ``"dgg"``);
   ``engine.load_checkpoint`` hands it back to :meth:`load_state_dict`.
 * **DeepSpeed config.** ``"zero_allow_untested_optimizer": true`` (DeepSpeed does not know the wrapper). Leave out
@@ -48,25 +50,13 @@ from typing import Any, Callable
 import torch
 
 from ..config import GateConfig
-from ..optimizer import GatedOptimizer
-from ..ops import grad_sumsq
+from ..distributed import global_sumsq
+from ..optimizer import GatedOptimizer, StepDecision
 
-__all__ = ["DeepSpeedGatedOptimizer", "zero_lm_head_energy"]
-
-
-def _params_of(lm_head: Any) -> list[torch.Tensor]:
-    if lm_head is None:
-        return []
-    if isinstance(lm_head, torch.nn.Module):
-        ps = list(lm_head.parameters())
-    elif isinstance(lm_head, torch.Tensor):
-        ps = [lm_head]
-    else:
-        ps = list(lm_head)
-    return list({id(p): p for p in ps}.values())
+__all__ = ["DeepSpeedGatedOptimizer", "zero_lm_head_energy", "local_grad_fragments"]
 
 
-def _local_fragments(params: list[torch.Tensor]) -> list[torch.Tensor]:
+def local_grad_fragments(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's pieces of the gradients of ``params`` between ``engine.backward`` and the ZeRO step."""
     out: list[torch.Tensor] = []
     for p in params:
@@ -88,19 +78,13 @@ def zero_lm_head_energy(params: list[torch.Tensor], group: Any = None, device: t
                         backend: str = "auto") -> torch.Tensor:
     """Global sum of squares of the ZeRO-partitioned gradients of ``params``: 0-d float32, no host sync.
 
-    The local fragments' sum of squares (float64) is all-reduced (SUM) over ``group`` (the data-parallel group).
-    Every rank of ``group`` must call it, at the same point (it is one collective), owning a fragment or not.
+    The local fragments' sum of squares (float64; none: 0) is all-reduced (SUM) over ``group`` (the data-parallel
+    group) by :func:`dgg_fused.distributed.global_sumsq`. Every rank of ``group`` must call it, at the same point (it
+    is one collective), owning a fragment or not.
     """
-    import torch.distributed as dist
-
-    frags = _local_fragments(params)
-    if frags:
-        e = grad_sumsq(frags, backend=backend).to(torch.float64)
-    else:
-        e = torch.zeros((), dtype=torch.float64, device=device if device is not None else params[0].device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
-    return e.to(torch.float32)
+    frags = local_grad_fragments(params)
+    dev = device if device is not None else params[0].device
+    return global_sumsq(frags, groups=(group,), device=dev, backend=backend).to(torch.float32)
 
 
 class DeepSpeedGatedOptimizer(GatedOptimizer):
@@ -119,10 +103,8 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, lm_head: Any = None, config: GateConfig | None = None, *,
                  skip_mode: str = "auto", backend: str = "auto") -> None:
         super().__init__(optimizer, lm_head=lm_head, config=config, skip_mode=skip_mode, backend=backend)
-        self._ds_lm_head = _params_of(lm_head)  # the original (ZeRO-managed) Parameters; their .grad stays None
         self._ds_zero: Any = None
-        self._ds_skip: torch.Tensor | None = None  # the decision of the engine step in progress
-        self._ds_run_inner = True  # host path: whether the client calls of this engine step run
+        self._ds_decision: StepDecision | None = None  # the decision of the engine step in progress
 
     # ------------------------------------------------------------------ wiring
     def attach(self, engine: Any) -> "DeepSpeedGatedOptimizer":
@@ -156,8 +138,7 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
             try:
                 return orig_step(*args, **kwargs)
             finally:
-                self._ds_skip = None
-                self._ds_run_inner = True
+                self._ds_decision = None
 
         zero.step = step  # instance attribute: this engine's ZeRO optimizer only
         self._ds_zero = zero
@@ -167,58 +148,33 @@ class DeepSpeedGatedOptimizer(GatedOptimizer):
         if not self.config.energy:  # a drift-only gate reads no gradient
             return None
         group = getattr(zero, "dp_process_group", None)
-        e = zero_lm_head_energy(self._ds_lm_head, group=group, backend=self.backend)
+        e = zero_lm_head_energy(list(self.lm_head_params), group=group, backend=self.backend)
         scale = float(getattr(zero, "loss_scale", 1.0) or 1.0)  # a Python float in DeepSpeed (no sync)
         if scale != 1.0:
             e = e / (scale * scale)
         return e
 
     def _ds_decide(self, zero: Any) -> None:
-        """One gate decision for the engine step about to run (measured before ZeRO unscales / clips)."""
+        """One gate decision for the engine step about to run (measured before ZeRO unscales / clips), inside this
+        optimizer's step hooks (once per engine step)."""
         energy = self._ds_energy(zero)
         overflow = None
         fp16_checks = getattr(zero, "check_grad_overflow", False) or getattr(zero, "dynamic_loss_scale", False)
         if energy is not None and fp16_checks:
-            overflow = (~torch.isfinite(energy)).to(torch.float32)  # ZeRO drops this step itself
-        self.__dict__.pop("found_inf", None)
-        if overflow is not None:
-            self.found_inf = overflow  # the GradScaler protocol: an external skip the gate ignores
-        try:
-            if energy is not None:
-                self.record_energy(energy=energy)
-            for hook in list(self._optimizer_step_pre_hooks.values()):  # this optimizer's step hooks: once per
-                hook(self, (), {})  # engine step, around the decision
-            decision = self.decide_()  # the gate's half of step(): no parameter is touched
-            for hook in list(self._optimizer_step_post_hooks.values()):
-                hook(self, (), {})
-        finally:
-            self.__dict__.pop("found_inf", None)
-        self._ds_skip = self.metrics["skipped"].clone()  # ZeRO drops an overflowed step itself
-        # host path: the one read per engine step on reuse passes (k == 1 never skips) was made by decide_()
-        self._ds_run_inner = decision.run_inner
+            overflow = (~torch.isfinite(energy)).to(torch.float32)  # ZeRO drops this step itself: not a trip
+        with self.step_hooks():
+            self._ds_decision = self.decide_(energy=energy, external_skip=overflow)  # no parameter is touched
 
     # ------------------------------------------------------------------ the client step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Inside an attached engine step: the inner step of one parameter group / sub-group under the engine
-        step's decision. Otherwise: :meth:`GatedOptimizer.step`."""
-        skip = self._ds_skip
-        if skip is None:
+        step's decision (:meth:`apply_`). Otherwise: :meth:`GatedOptimizer.step`."""
+        decision = self._ds_decision
+        if decision is None:
             return super().step(closure)
         if closure is not None:
             raise ValueError("DeepSpeedGatedOptimizer.step: DeepSpeed does not pass a closure")
-        inner = self.optimizer
-        if not self._step_supports_amp_scaling:
-            if self._ds_run_inner:
-                inner.step()
-            return None
-        saved = inner.__dict__.get("found_inf")
-        inner.found_inf = skip
-        try:
-            inner.step()
-        finally:
-            inner.__dict__.pop("found_inf", None)
-            if saved is not None:
-                inner.found_inf = saved
+        self.apply_(decision)
         return None
 
 

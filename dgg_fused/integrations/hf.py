@@ -21,6 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "dgg_fused.integrations.hf needs transformers: pip install 'dgg_fused[hf]'"
     ) from exc
 
+from ..lm_head import find_lm_head, params_of
 from . import gate_metrics, unwrap_gated
 
 __all__ = [
@@ -67,8 +68,9 @@ class DGGMetricsCallback(TrainerCallback):
         gated = unwrap_gated(kwargs.get("optimizer"))
         if gated is None:
             return
-        m = gate_metrics(gated, self.prefix)
-        m[f"{self.prefix}window_fill"] = window_fill(gated)
+        raw = gated.get_metrics()  # the one device-to-host copy of this log call
+        m = {f"{self.prefix}{k}": v for k, v in raw.items()}
+        m[f"{self.prefix}window_fill"] = raw["window_filled"] / gated.config.window
         steps, gsteps = m[f"{self.prefix}steps"], m[f"{self.prefix}gated_steps"]
         d_steps = steps - self._last_steps
         m[f"{self.prefix}gated_fraction"] = (gsteps - self._last_gated) / d_steps if d_steps > 0 else 0.0
@@ -152,10 +154,6 @@ def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool = False)
 
     Returns the list of Parameters. Raises ``ValueError`` when the name does not exist or nothing is trainable.
     """
-    from torch import nn
-
-    from ..lm_head import find_lm_head
-
     what = "the output projection"
     if lm_head is None:
         head = find_lm_head(model, warn_tied=warn_tied)
@@ -165,15 +163,8 @@ def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool = False)
         what = f"module {lm_head!r} ({type(head).__name__})"
     else:
         head = lm_head
-    if isinstance(head, nn.Module):
-        params = [p for p in head.parameters() if p.requires_grad]
-        total = sum(1 for _ in head.parameters())
-    else:
-        import torch
-
-        ps = [head] if isinstance(head, torch.Tensor) else list(head)
-        params = [p for p in ps if p.requires_grad]
-        total = len(ps)
+    every = params_of(head)
+    params, total = [p for p in every if p.requires_grad], len(every)
     if not params:
         raise ValueError(
             f"{what} has {total} parameter(s) and none of them is trainable, so the gate has no lm_head gradient to "

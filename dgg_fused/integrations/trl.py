@@ -4,56 +4,18 @@
     trainer = DGGGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(num_iterations=4, ...), ...)
 
 or, to configure the gate from the command line / a YAML file, :class:`DGGGRPOConfig` (a ``GRPOConfig`` with
-``dgg_*`` fields that ``trl.TrlParser`` reads like any other)::
+``dgg_*`` fields that ``trl.TrlParser`` reads)::
 
     args = TrlParser((DGGGRPOConfig,)).parse_args_and_config()[0]   # --num_iterations 4 --dgg_tau 0.3 ...
-    trainer = DGGGRPOTrainer(model=..., reward_funcs=..., args=args, ...)
 
-Supported: trl >= 1.16, < 2 (tested with 1.16.0; the ``trl`` extra of pyproject pins that range). What it changes
-in TRL's loop (trl 1.16 names):
-
-* **Reuse index.** TRL replays ``self._buffered_inputs`` for ``num_iterations`` (= K) passes of
-  ``steps_per_generation`` micro-steps each. Before every micro-step the trainer tells the gate which pass it is
-  on: ``k = (micro_steps since the buffer was generated) // steps_per_generation + 1``. Every optimizer step
-  must lie inside one pass, so ``steps_per_generation`` must be a multiple of ``gradient_accumulation_steps``
-  (checked at construction).
-* **Regenerate on a trip.** When the gate trips, the buffer is dropped and the next micro-step generates fresh
-  rollouts (from the prompts the dataloader hands that micro-step: TRL's ``RepeatSampler`` repeats one prompt set
-  ``K * steps_per_generation`` times, so this is a fresh group of completions for the current prompts, scored by
-  the current policy). The new buffer gets its own K passes; TRL's fixed regeneration schedule
-  (``_step % (steps_per_generation * K) == 0``) is replaced by this per-buffer count. Every prompt set the sampler
-  yields still gets at least one generation, since a buffer never lives longer than TRL's cycle.
-  The decision is read with ``poll_reuse_stopped(block=True)``: every rank sees the same, current answer (the
-  gate's energy is all-reduced, see :mod:`dgg_fused.distributed`), so all ranks regenerate together.
-* **Energy before clipping.** ``Trainer._clip_grad_norm`` is where the Trainer clips (``max_grad_norm`` > 0,
-  default 1.0). The trainer records the lm_head energy right before it (``GatedOptimizer.record_energy``), after
-  gradient accumulation and after DDP / FSDP2 have reduced the gradients, so the gate sees the unclipped energy of
-  the whole optimizer step, identical on every rank. With fp16 + a GradScaler the gradients are still scaled
-  there; the energy is divided by the scale. With ``max_grad_norm=0`` the energy is measured in
-  ``optimizer.step()``. Under DeepSpeed ZeRO the engine steps inside ``accelerator.backward``; the DeepSpeed mode
-  (:mod:`dgg_fused.integrations.deepspeed`) measures the energy there instead.
-* **Scheduler on skipped steps: the schedule advances.** A gated step is still an optimizer step of the Trainer:
-  ``global_step`` advances, the LR scheduler steps, and ``max_steps`` counts it. The inner optimizer's own step
-  counter (Adam's bias correction) does *not* advance on a gated step (the skip is exact).
-* **Drift signal.** With ``GateConfig(drift="approx_kl", ...)`` (``--dgg_drift approx_kl``) the trainer computes
-  :func:`dgg_fused.drift_stats` in ``_compute_loss`` from the per-token log-probabilities of the current policy and
-  those TRL kept from the rollout policy (``old_per_token_logps``, present whenever ``num_iterations > 1``), on the
-  device, token-weighted over the micro-batches of the optimizer step and reduced over ranks (so every rank takes
-  the same decision), and hands them to :meth:`~dgg_fused.GatedOptimizer.record_drift` before the step.
-  ``clip_frac`` uses TRL's ``epsilon``. ``dgg_energy=False`` turns the lm_head rule off (a pure KL early stop).
-* **Metrics.** A :class:`~dgg_fused.integrations.hf.DGGMetricsCallback` is registered first, so ``dgg/*`` gate
-  metrics (``dgg/window_fill`` shows the warm-up) land in the trainer's logs. When ``max_steps`` ends before the
-  gate's window can fill, a warning says so at the start of training.
-
-Mistakes that would leave the gate silently idle raise ``ValueError`` at construction: ``num_iterations=1`` (no
-reuse pass to gate), a gate whose ``max_reuse`` is below ``num_iterations``, ``steps_per_generation`` not a
-multiple of ``gradient_accumulation_steps``, the gate configured in two places (``dgg_config=``, a
-:class:`DGGGRPOConfig`, a ``GatedOptimizer`` passed through ``optimizers=``) with different settings, and an
-lm_head with no trainable parameter (PEFT: see :func:`dgg_fused.integrations.hf.resolve_lm_head`).
-
-The optimizer the Trainer builds (``args.optim``; TRL's default is torch's fused AdamW, the sync-free path) is
-wrapped in a :class:`~dgg_fused.GatedOptimizer` in ``create_optimizer``; pass ``optimizers=(GatedOptimizer(...),
-scheduler)`` to bring your own.
+Supported: trl >= 1.16, < 2. In TRL's loop the trainer tells the gate the reuse pass ``k`` of every micro-step
+(:meth:`~dgg_fused.GatedOptimizer.set_reuse_index`), regenerates rollouts at the next micro-step after a trip
+(:meth:`~dgg_fused.GatedOptimizer.poll_reuse_stopped`, the same answer on every rank), records the lm_head energy
+right before the Trainer clips (:meth:`~dgg_fused.GatedOptimizer.record_energy`), and hands a drift gate the
+statistics of each optimizer step (:meth:`~dgg_fused.GatedOptimizer.record_drift`); under DeepSpeed ZeRO it builds
+and attaches a :class:`~dgg_fused.integrations.deepspeed.DeepSpeedGatedOptimizer`. Settings under which the gate
+could never act, or would act on mixed passes, raise ``ValueError`` at construction. What it changes in TRL's loop,
+what it refuses and why, PEFT and tied heads: docs/integrations.md, "TRL GRPOTrainer".
 """
 
 from __future__ import annotations
@@ -114,6 +76,7 @@ class DGGGRPOConfig(GRPOConfig):
     dgg_drift_rule: str = _gate_field("drift_rule", "DGG: how the drift statistic trips: threshold or zscore.")
     dgg_drift_threshold: float = _gate_field("drift_threshold", "DGG: threshold of the drift rule (e.g. target KL).")
     dgg_combine: str = _gate_field("combine", "DGG: energy and drift rules combined: any (either trips) or all.")
+    dgg_action: str = _gate_field("action", "DGG: what a trip does: skip (drop the step, stop reuse) or watch.")
     dgg_skip_mode: str = field(
         default="auto", metadata={"help": f"DGG: how a step is dropped, one of {SKIP_MODES}."}
     )

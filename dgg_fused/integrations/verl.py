@@ -115,7 +115,7 @@ class DGGFSDPEngine(FSDPEngineWithLMHead):
             scale = scaler._scale if scaler is not None and scaler.is_enabled() else None  # device tensor, no sync
             gated.record_energy(grad_scale=scale)  # before verl unscales and clips
         if gated is not None and gated.config.drift is not None:
-            if self.dgg_drift is None or self.dgg_drift._acc is None:
+            if self.dgg_drift is None or self.dgg_drift.empty:
                 raise RuntimeError(
                     "DGG: the gate watches a drift statistic but no micro-batch of this mini-batch had old_log_probs"
                 )

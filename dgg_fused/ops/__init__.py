@@ -7,8 +7,10 @@ device key (and a fake implementation for ``torch.compile`` / ``opcheck``):
 ============================== ============================================== ===================================
 op                             kernels                                        schema defined in
 ============================== ============================================== ===================================
-``dgg_fused::_C_sumsq``        CPU (AVX2, 2-level), CUDA (two-stage)          csrc/dgg_fused.cpp
+``dgg_fused::_C_sumsq``        CPU (AVX2/AVX-512, 2-level), CUDA (two-stage)  csrc/dgg_fused.cpp
 ``dgg_fused::sumsq_triton``    CUDA (CPU only under TRITON_INTERPRET=1)       :mod:`dgg_fused.ops._schema`
+``dgg_fused::sumsq_partials_`` the Triton stage 1 only (partial sums)          :mod:`dgg_fused.ops._schema`
+``triton``
 ============================== ============================================== ===================================
 
 Backends (:func:`available_backends`), each one of those kernels or the reference:
@@ -18,13 +20,14 @@ name     what                                          where
 ======== ============================================= ===========================================
 triton   persistent multi-tensor Triton reduction      CUDA tensors (CPU only under TRITON_INTERPRET=1)
 cuda     dgg_fused._C CUDA kernels (two-stage)         CUDA tensors, extension built with CUDA
-cpp      dgg_fused._C CPU kernel (AVX2, 2-level)       CPU tensors, extension built
+cpp      dgg_fused._C CPU kernel (AVX2/AVX-512)        CPU tensors, extension built
 torch    pure-torch float64 reference                  anywhere
 ======== ============================================= ===========================================
 
-``backend="auto"`` (:func:`resolve_backend`, the one place a backend is chosen): CUDA -> triton, else cuda, else
-torch; CPU -> cpp, else torch; any dtype other than float32/bfloat16/float16 -> torch. An explicitly requested
-backend that is unavailable raises. This package knows nothing of gates.
+``backend="auto"`` (:func:`resolve_backend`, the one resolver of the library, over the one preference table
+:data:`AUTO_ORDER`): CUDA -> triton, else cuda, else torch; CPU -> cpp, else torch; any dtype other than
+float32/bfloat16/float16 -> torch. An explicitly requested backend that is unavailable raises. This package knows
+nothing of gates (the gate's implementation is named after the backend it goes with: dgg_fused.plan).
 """
 
 from __future__ import annotations
@@ -41,17 +44,19 @@ from .reference import grad_sumsq_reference
 
 __all__ = [
     "grad_sumsq",
-    "grad_sumsq_partials",
     "available_backends",
     "resolve_backend",
     "kernel",
     "validate",
     "grad_sumsq_reference",
     "BACKENDS",
+    "AUTO_ORDER",
 ]
 
 #: Every backend name, in the order ``backend="auto"`` prefers them on CUDA.
 BACKENDS = ("triton", "cuda", "cpp", "torch")
+#: ``backend="auto"``: the preference per device type (the first available one wins; ``"torch"`` runs anywhere).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -90,22 +95,20 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
-def resolve_backend(backend: str, device: torch.device, dtypes: Sequence[torch.dtype] = ()) -> str:
-    """The one place a backend name is resolved. ``"auto"`` picks; an explicit unavailable name raises."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"grad_sumsq: unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+def resolve_backend(backend: str, device: torch.device | str, dtypes: Sequence[torch.dtype] = ()) -> str:
+    """The one resolver of a backend name for tensors of ``dtypes`` on ``device``: ``"auto"`` takes the first
+    available name of :data:`AUTO_ORDER` (``"torch"`` for other devices and for dtypes the kernels do not take); an
+    explicit name raises ``ValueError`` if unknown, ``RuntimeError`` if unavailable on ``device``, ``TypeError``
+    for dtypes it does not take."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"unknown backend {backend!r}: choose 'auto' or one of {BACKENDS}")
+    device = torch.device(device)
     avail = available_backends(device)
     fast = all(dt in _FAST_DTYPES for dt in dtypes)
     if backend == "auto":
         if not fast:
             return "torch"
-        if device.type == "cuda":
-            for name in ("triton", "cuda"):
-                if name in avail:
-                    return name
-        elif device.type == "cpu" and "cpp" in avail:
-            return "cpp"
-        return "torch"
+        return next(name for name in AUTO_ORDER.get(device.type, ("torch",)) if name in avail)
     if backend not in avail:
         why = f" ({extension.load_error()})" if backend in ("cpp", "cuda") and extension.load_error() else ""
         raise RuntimeError(
@@ -122,10 +125,18 @@ def _triton_sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.ops.dgg_fused.sumsq_triton(tensors)
 
 
-def kernel(name: str) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+def kernel(name: str, *, partials: bool = False) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """The callable behind a *resolved* backend name (:func:`resolve_backend`): the compiled op for ``"cpp"`` and
     ``"cuda"`` (one op, kernels per device key), the Triton op, or the float64 reference for ``"torch"``. It takes
-    a list of validated (detached, strided, one-device) tensors."""
+    a list of validated (detached, strided, one-device, plain) tensors.
+
+    ``partials=True`` (``"triton"`` only): stage 1 of the Triton reduction alone, a 1-D float32 tensor of partial
+    sums whose float64 sum, rounded once, is the energy (the finalize kernel does exactly that; the fused gate
+    epilogue adds them itself, so a gated step costs two launches)."""
+    if partials:
+        if name != "triton":
+            raise ValueError(f"partial sums come from the Triton stage 1 only, not from backend {name!r}")
+        return torch.ops.dgg_fused.sumsq_partials_triton
     if name in ("cpp", "cuda"):
         return compiled_sumsq()
     if name == "triton":
@@ -174,16 +185,3 @@ def grad_sumsq(tensors: Sequence[torch.Tensor] | torch.Tensor, *, backend: str =
     ts = validate(tensors)
     name = resolve_backend(backend, ts[0].device, [t.dtype for t in ts])
     return kernel(name)(ts)
-
-
-def grad_sumsq_partials(tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> torch.Tensor | None:
-    """Stage 1 of the Triton reduction only: a 1-D float32 tensor of partial sums; their float64 sum, rounded once,
-    is ``grad_sumsq(tensors)`` (the finalize kernel does exactly that). One launch; the fused gate epilogue adds the partials itself, so a gated
-    step costs two launches. Returns None where that path does not apply (the resolved backend is not
-    ``"triton"``, or a tensor is a subclass such as a DTensor): call :func:`grad_sumsq` then."""
-    ts = validate(tensors)
-    if any(type(t) is not torch.Tensor for t in ts):
-        return None
-    if resolve_backend(backend, ts[0].device, [t.dtype for t in ts]) != "triton":
-        return None
-    return torch.ops.dgg_fused.sumsq_partials_triton(ts)

@@ -15,7 +15,9 @@ Inside a tile (``_sumsq_partials_kernel``) each program loads ``UNROLL`` sub-blo
 using any of them: with 8 warps that is 4 x 16-byte loads in flight per thread for bf16/fp16 and 8 for fp32
 (``ld.global.v4`` when every base address is 16-byte aligned; a divisibility hint tells the compiler so). Values
 are cast to float32 right after ``tl.load`` (the accumulation type; the interpreter also gets bf16 arithmetic
-wrong otherwise). Offsets are int64 throughout (tensors of more than 2**31 elements). A per-tensor dtype code
+wrong otherwise). Offsets are int64 from the tile base on (tensors of more than 2**31 elements): the base
+``span * t`` is the one product widened explicitly (Triton passes ``span`` as int32 when it fits); the tile and
+table indices stay 32-bit. A per-tensor dtype code
 picks the load type, so one launch covers any number of tensors and all three dtypes.
 
 Stage 2 (``_sumsq_finalize_kernel``, and the fused gate epilogue, which reduces the partials itself): one program
@@ -102,7 +104,10 @@ def _sumsq_partials_kernel(
     n_prog = tl.num_programs(0)
     tiles = layout_ptr + 3 * n_tensors
     for t in range(pid, n_tiles, n_prog):
-        lo_t = span * t  # int64 (span is)
+        # The tile base is the one 64-bit product: Triton passes `span` as int32 whenever it fits, and int32
+        # `span * t` wraps past 2**31 elements (an H200 run lost every element from the tile straddling 2**31 on).
+        # Everything downstream (tensor starts from the int64 table, local offsets, pointers) is int64 from here.
+        lo_t = span.to(tl.int64) * t
         hi_t = lo_t + span
         first = tl.load(tiles + 2 * t)
         last = tl.load(tiles + 2 * t + 1)
