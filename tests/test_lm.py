@@ -340,3 +340,51 @@ def test_kv_cached_generation_draws_what_the_reference_draws(tiny):
         assert got[0].shape == (len(prompts), 5)
     with pytest.raises(ValueError, match="kv_cache=True"):
         generate(model, p_ids, p_mask, 5, stop, pad, prefix_ids=pre)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the policy in the testbed, through the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_quick_run_of_the_pretrained_policy_through_the_cli(tiny_file, tmp_path, capsys):
+    """``--policy smollm2-135m --quick`` on the tiny GGUF file, in pinned workers: the weights are converted once
+    into the cache, every arm trains the tied model (the DWD groups: lm_head = embedding counted once, attention,
+    MLP, norms), the records name the policy and its weights key (the toy's records have no such entry, so the
+    two never mix on --resume), --resume keeps them, and --from-runs redraws every plot."""
+    import json
+
+    from dgg_fused.demo import numerics
+    from dgg_fused.demo.__main__ import main
+
+    cache, out = str(tmp_path / "cache"), tmp_path / "out"
+    args = ["--policy", "smollm2-135m", "--gguf", tiny_file, "--quick", "--task", "tiny_gguf:any_digit_task",
+            "--arms", "k1,naive,dgg,oracle", "--observe", "naive", "--lr", "1e-3", "--jobs", "1",
+            "--cache-dir", cache, "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Policy: smollm2-135m" in printed and "slightly perturbed" in printed and "| anydigit | 0.001 | k1 |" in printed
+    for f in ("results.json", "summary.csv", "report.md", "expected_reward.png", "weight_change.png", "signals.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert [p for p in os.listdir(cache) if p.startswith("lm-")] == [f"lm-{lm.weights_key(lm.file_sha256(tiny_file))}"]
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["arm"] for r in runs) == ["dgg", "k1", "naive", "oracle"]
+    for r in runs:
+        assert r["policy"] == "smollm2-135m" and r["tied_lm_head"] and r["_meta"]["numerics"] == numerics.MODE
+        fp = json.loads(r["_meta"]["fingerprint"])
+        assert fp["policy"] == {"policy": "smollm2-135m", "weights": lm.weights_key(lm.file_sha256(tiny_file))}
+        wc = r["weight_change"]
+        assert set(wc) == {"lm_head", "lm_head/used", "lm_head/unused", "attention", "mlp", "norms"}
+        assert all(v > 0 for v in wc.values()), wc  # rewards were found: every group moved
+        assert sum(h["steps"] for h in r["history"]) == r["counts"]["steps_attempted"] > 0
+    naive = next(r for r in runs if r["arm"] == "naive")
+    assert naive["steps"] and {"z_energy", "energy", "approx_kl", "ess", "delta"} <= set(naive["steps"][0])
+    # --resume keeps every run (a rerun would append its line)
+    before = (out / "runs.jsonl").read_text()
+    main(args + ["--resume", "--no-plots"])
+    assert (out / "runs.jsonl").read_text() == before
+    # --from-runs redraws the report and the plots without training
+    rebuilt = tmp_path / "rebuilt"
+    main(["--from-runs", str(out / "runs.jsonl"), "--out", str(rebuilt), "--no-progress", "--arms", "k1,naive,dgg,oracle"])
+    for f in ("expected_reward.png", "weight_change.png", "signals.png"):
+        assert (rebuilt / f).stat().st_size > 0, f

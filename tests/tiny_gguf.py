@@ -72,3 +72,26 @@ def write_tiny_gguf(path: str, seed: int = 0, scale: float = 0.5) -> str:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def any_digit_task():
+    """A few-shot task the tiny random model solves now and then, so that a quick run on it has rewards to learn
+    from: after ``a+b=``, one digit or nothing is accepted (eleven texts)."""
+    from dgg_fused.demo.lmtasks import FewShotTask
+
+    class AnyDigitTask(FewShotTask):
+        name, max_answer = "anydigit", 1
+
+        def draw(self, rng):
+            return f"{rng.randint(0, 9)}+{rng.randint(0, 9)}="
+
+        def solve(self, question):
+            return ""
+
+        def answers(self, example):
+            return [""] + list("0123456789")
+
+        def verify(self, example, completion):
+            return float(completion in self.answers(example))
+
+    return AnyDigitTask()

@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     tgts = [t for g in gate_arms for t in report.targets(rows, g)]
     thresholds = {"z_energy": cfg.gate.tau, "approx_kl": cfg.target_kl}
     sig = report.signals(results, thresholds)
-    policies = [get_policy(name).describe() for name in dict.fromkeys(r.policy for r in results) if name != "toy"]
+    described = {policy.name: policy.describe()} if policy_meta is not None else {}
+    policies = [described.get(n) or get_policy(n).describe() for n in dict.fromkeys(r.policy for r in results)
+                if n != "toy"]
     text = "\n\n".join(x for x in (
         "\n".join(f"Policy: {d}." for d in policies),
         report.format_table(agg), report.DEFINITIONS,

@@ -58,7 +58,7 @@ def _prepared(u: Unit):
 def prepare_start(u: Unit) -> tuple[bool, float]:
     """Prepare (or find in the cache) the initial state of ``u``'s runs: ``(from_cache, seconds)``."""
     t0 = time.time()
-    _, cached = u.policy.initial_state(_prepared(u), u.cfg, u.warm_seed, u.cache_dir)
+    _, cached = u.policy.initial_state(u.policy.load_task(u.task), u.cfg, u.warm_seed, u.cache_dir)
     return cached, time.time() - t0
 
 
@@ -81,7 +81,7 @@ def run_unit(u: Unit) -> dict[str, Any]:
     from .run import run_arm
 
     pt = _prepared(u)
-    state, _ = u.policy.initial_state(pt, u.cfg, u.warm_seed, u.cache_dir)
+    state, _ = u.policy.initial_state(pt.task, u.cfg, u.warm_seed, u.cache_dir)
     t0 = time.time()
     res = run_arm(pt, u.arm, u.cfg, u.seed, state, observe=u.observe, on_iter=_Progress(u) if u.progress else None)
     d = res.to_dict()

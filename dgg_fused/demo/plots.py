@@ -29,12 +29,12 @@ __all__ = ["write_plots", "plot_curves", "plot_weight_change", "plot_signals", "
 
 #: The weight-change groups in display order (others a run reports follow them).
 DWD_GROUPS = ("lm_head", "lm_head/used", "lm_head/unused", "attention", "mlp", "norms", "embeddings", "other")
-#: The panels of signals.png: (key of the harm oracle's step records, title, log scale, threshold key).
-SIGNAL_PANELS = (("after", "held-out J after the step", False, None),
-                 ("energy", "lm_head energy ||g||² (before clipping)", True, None),
-                 ("z_energy", "energy Z-score (the paper's gate)", False, "z_energy"),
-                 ("approx_kl", "approx KL to the rollout policy", False, "approx_kl"),
-                 ("ess", "ESS of the importance weights", False, None),
+#: The panels of signals.png: (key of the harm oracle's step records, label, log scale, threshold key).
+SIGNAL_PANELS = (("after", "held-out J\nafter the step", False, None),
+                 ("energy", "lm_head energy\n||g||² (pre-clip)", True, None),
+                 ("z_energy", "energy Z-score\n(paper's gate)", False, "z_energy"),
+                 ("approx_kl", "approx KL", False, "approx_kl"),
+                 ("ess", "ESS", False, None),
                  ("clip_frac", "clip fraction", False, None))
 
 
@@ -166,13 +166,12 @@ def plot_signals(out: str, results: Sequence, thresholds: Mapping[str, float]) -
                            label=f"trip of {key} > {thr:g} ({len(trips)})", zorder=4)
             if log:
                 ax.set_yscale("log")
-            ax.set_title(title, fontsize=8, loc="left")
+            ax.set_ylabel(title, fontsize=7)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             if k == 0:
                 ax.set_title(f"{r.task}, lr {r.lr:g}, {r.arm}, seed {r.seed}: {len(harmful)} harmful reuse steps "
-                             f"of {sum(int(s['reuse_index']) > 1 for s in steps)} (grey: reuse passes)",
-                             fontsize=9, loc="right")
+                             f"of {sum(int(s['reuse_index']) > 1 for s in steps)} (grey: reuse passes)", fontsize=9)
             if k == 0 or thr_key is not None:
                 ax.legend(fontsize=6, loc="upper left")
         axes[-1][j].set_xlabel("optimizer step")

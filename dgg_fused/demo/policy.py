@@ -7,7 +7,8 @@ the report are the same for every policy. A policy gives
   tasks, arms and observed arms of ``python -m dgg_fused.demo --policy P --preset NAME``);
 * :meth:`Policy.prepare`: a :class:`PreparedTask` — the task with its :class:`Codec`, the fixed held-out and oracle
   prompt sets (:class:`~dgg_fused.demo.evaluate.HeldOut`) and the lm_head rows the task uses;
-* :meth:`Policy.initial_state` (the starting weights, cached on disk) and :meth:`Policy.build_model`;
+* :meth:`Policy.initial_state` (the starting weights, made once and cached on disk: the toy's warm start, the
+  pretrained policy's converted checkpoint) and :meth:`Policy.build_model`;
 * :meth:`Policy.fingerprint`: what a run record must share with a command to be resumed by it (beyond the run
   configuration and the numerics mode), so that runs of different policies or weights never mix.
 
@@ -232,10 +233,10 @@ class Policy:
         """Runs with equal keys share one :meth:`initial_state` (prepared once, before the runs)."""
         return (task, seed)
 
-    def initial_state(self, pt: PreparedTask, cfg, seed: int, cache_dir: str | None
+    def initial_state(self, task: Task, cfg, seed: int, cache_dir: str | None
                       ) -> tuple[dict[str, torch.Tensor] | None, bool]:
         """``(state_dict or None, from_cache)``: the starting weights of seed ``seed`` (None: those
-        :meth:`build_model` loads)."""
+        :meth:`build_model` loads), made and cached the first time."""
         raise NotImplementedError
 
     def build_model(self, pt: PreparedTask, cfg, seed: int) -> torch.nn.Module:
@@ -277,10 +278,11 @@ class ToyPolicy(Policy):
         codec = WordCodec(tok, tok.eos_token_id, tok.pad_token_id)
         return PreparedTask(self, task, codec, task_token_ids(tok, task.words), *_prompt_sets(task, codec, cfg.n_heldout))
 
-    def initial_state(self, pt, cfg, seed, cache_dir):
+    def initial_state(self, task, cfg, seed, cache_dir):
+        from .model import build_tokenizer
         from .warmstart import warm_start
 
-        return warm_start(pt.task, pt.tokenizer, cfg.model, cfg.warm, seed, cache_dir)
+        return warm_start(task, build_tokenizer(task.words, cfg.model.vocab_size), cfg.model, cfg.warm, seed, cache_dir)
 
     def build_model(self, pt, cfg, seed):
         from .model import build_model
@@ -370,7 +372,7 @@ class SmolLM2Policy(Policy):
     def start_key(self, task, seed):
         return "weights"  # one conversion for every task and seed
 
-    def initial_state(self, pt, cfg, seed, cache_dir):
+    def initial_state(self, task, cfg, seed, cache_dir):
         _, cached = self._weights(cache_dir)
         return None, cached
 
