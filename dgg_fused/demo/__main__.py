@@ -4,7 +4,8 @@ Runs GRPO arms on identical seeds for one or more verifiable tasks and learning 
 (exact expected reward, rollouts-to-target, paired bootstrap CIs), the pre-registered targets and the harm-oracle
 signal table, and writes everything under ``--out``. Independent runs execute in parallel worker processes
 (``--jobs``) with pinned CPU code paths (:mod:`dgg_fused.demo.numerics`): every number is independent of the thread
-count, of ``--jobs`` and of the x86-64 CPU.
+count, of ``--jobs`` and of the x86-64 CPU. ``--policy`` picks the model (:mod:`dgg_fused.demo.policy`: the toy
+Llama, or SmolLM2-135M-Instruct, docs/demo_lm.md), ``--preset`` its named configuration.
 """
 
 from __future__ import annotations
@@ -234,12 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     tgts = [t for g in gate_arms for t in report.targets(rows, g)]
     thresholds = {"z_energy": cfg.gate.tau, "approx_kl": cfg.target_kl}
     sig = report.signals(results, thresholds)
+    dwd = report.weight_change_table(rows, arm_order)
     described = {policy.name: policy.describe()} if policy_meta is not None else {}
     policies = [described.get(n) or get_policy(n).describe() for n in dict.fromkeys(r.policy for r in results)
                 if n != "toy"]
     text = "\n\n".join(x for x in (
         "\n".join(f"Policy: {d}." for d in policies),
         report.format_table(agg), report.DEFINITIONS,
+        "Relative weight change ||W - W0|| / ||W0|| at the end of the run, per module group (DWD; seed mean):\n\n"
+        + report.format_weight_change(dwd),
         "Pre-registered targets (per gate arm):\n\n" + report.format_targets(tgts) + "\n\n"
         + report.format_target_summary(report.target_summary(tgts, rows)) if tgts else "",
         "Harm oracle (arms: " + ", ".join(sorted({r.arm for r in results if r.steps})) + "):\n\n"
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if policy_meta is not None and policy_meta["name"] != "toy":
         meta["policy"] = policy_meta
-    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text, fractions)
+    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text, fractions, dwd)
     if not args.no_plots:
         paths += plots.write_plots(args.out, results, arm_order, thresholds)
     print(text)

@@ -46,8 +46,8 @@ class FewShotTask:
 
     ``prefix`` (the shots, drawn once from ``shot_seed``) is the same for every prompt, like a system prompt or
     a fixed few-shot template in RLVR practice, so the policy computes it once per batch and shares it
-    (:mod:`dgg_fused.demo.lm`). ``Example.prompt`` is the question alone (what the verifier reads); the model sees
-    ``prefix + prompt``. Subclasses define :meth:`draw` (a random question), :meth:`solve` (its answer, recomputed
+    (``prefix_ids`` in :mod:`dgg_fused.demo.grpo`). ``Example.prompt`` is the question alone (what the verifier
+    reads); the model sees ``prefix + prompt``. Subclasses define :meth:`draw` (a random question), :meth:`solve` (its answer, recomputed
     from the question alone: the verifier trusts nothing else) and ``max_answer`` (the longest answer in
     characters, which bounds ``max_new_tokens``).
     """

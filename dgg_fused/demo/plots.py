@@ -24,11 +24,9 @@ import statistics
 from typing import Any, Mapping, Sequence
 
 from ..monitor import trip_steps
+from .report import DWD_GROUPS
 
-__all__ = ["write_plots", "plot_curves", "plot_weight_change", "plot_signals", "DWD_GROUPS", "SIGNAL_PANELS"]
-
-#: The weight-change groups in display order (others a run reports follow them).
-DWD_GROUPS = ("lm_head", "lm_head/used", "lm_head/unused", "attention", "mlp", "norms", "embeddings", "other")
+__all__ = ["write_plots", "plot_curves", "plot_weight_change", "plot_signals", "SIGNAL_PANELS"]
 #: The panels of signals.png: (key of the harm oracle's step records, label, log scale, threshold key).
 SIGNAL_PANELS = (("after", "held-out J\nafter the step", False, None),
                  ("energy", "lm_head energy\n||g||² (pre-clip)", True, None),
@@ -90,7 +88,7 @@ def plot_weight_change(out: str, results: Sequence, arm_order: Sequence[str]) ->
     plt = _pyplot()
     cells = _cells(results)
     seen = list(dict.fromkeys(g for r in results for g in r.weight_change))
-    groups = [g for g in DWD_GROUPS if g in seen] + [g for g in seen if g not in DWD_GROUPS]
+    groups = [g for g in DWD_GROUPS if g in seen] + [g for g in seen if g not in DWD_GROUPS]  # e.g. "other"
     arms = [a for a in arm_order if any(r.arm == a for r in results)]
     fig, axes = plt.subplots(len(cells), 1, figsize=(max(6.0, 0.35 * len(groups) * max(2, len(arms))),
                                                      3.6 * len(cells)), squeeze=False)
