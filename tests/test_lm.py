@@ -343,6 +343,48 @@ def test_kv_cached_generation_draws_what_the_reference_draws(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the policy: a prepared task's codec and prompt sets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prepared_task_of_the_pretrained_policy(tiny_file, tmp_path):
+    """SmolLM2Policy.prepare on the tiny file: the shared prefix and the newline stop token, the held-out rows are
+    every accepted token sequence, the codec reads completions as the verifier's text, the exact J through the codec
+    is the teacher-forced sum, and the model is the converted one (tied)."""
+    from dgg_fused.demo.policy import SmolLM2Policy
+    from dgg_fused.demo.run import DemoConfig
+
+    policy = SmolLM2Policy(gguf=tiny_file)
+    cfg = DemoConfig(n_heldout=6)
+    task = _Tiny(shots=1, shot_seed=3)
+    pt = policy.prepare(task, cfg, str(tmp_path))
+    tok, codec = pt.tokenizer, pt.codec
+    assert codec.stop_id == _ids(tok, "Ċ")[0] and codec.kv_cache
+    assert codec.prefix_ids.tolist() == [tok(task.prefix, add_special_tokens=False)["input_ids"]]
+    tb = lm.TokenBytes(tok)
+    for held in (pt.heldout, pt.oracle):
+        assert held.exact and len(held.examples) == 6
+        want = [r for ex in held.examples for r in accepted_sequences(tb, task.answers(ex), codec.stop_id, 4)[0]]
+        got = [[t for t, m in zip(row, mask) if m] for row, mask in zip(held.comp_ids.tolist(), held.comp_mask.tolist())]
+        assert got == want
+    assert not {ex.prompt for ex in pt.heldout.examples} & {ex.prompt for ex in pt.oracle.examples}
+    assert codec.stop_id in pt.used_rows and set(codec.prefix_ids[0].tolist()) <= set(pt.used_rows)
+    comps = [["1", "2", "Ċ", "5"], ["Ġ", "12", "Ċ", "<|im_end|>"], ["7", "7", "7", "7"]]
+    c_ids = torch.tensor([_ids(tok, *c) for c in comps])
+    c_mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    assert codec.decode(c_ids, c_mask) == ["12", " 12", "7777"]
+    model = policy.build_model(pt, cfg, 0).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert policy.initial_state(task, cfg, 0, str(tmp_path)) == (None, True)  # converted once, by prepare
+    h = pt.heldout
+    with torch.no_grad():
+        logp = completion_logprobs(model, h.prompt_ids, h.prompt_mask, h.comp_ids, h.comp_mask,
+                                   prefix_ids=codec.prefix_ids)
+    per = torch.zeros(6, dtype=torch.float64).index_add_(0, h.owner, logp.double().sum(1).exp())
+    assert h.expected_reward(model) == float(per.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the policy in the testbed, through the command line
 # ---------------------------------------------------------------------------------------------------------------
 
