@@ -317,7 +317,7 @@ def test_presets_and_policy_options_on_the_command_line():
     assert preset.tasks == ("sum", "copy", "product") and preset.observe == ("naive",)
     args = parse(["--policy", "smollm2-135m", "--preset", "measure", "--prompts", "6", "--group", "4"])
     sum_cfg, copy_cfg = config_from_args(args, "sum"), config_from_args(args, "copy")
-    assert (sum_cfg.prompts, sum_cfg.group, sum_cfg.iters, sum_cfg.n_heldout) == (6, 4, 20, 64)
+    assert (sum_cfg.prompts, sum_cfg.group, sum_cfg.iters, sum_cfg.n_heldout, sum_cfg.warmup_iters) == (6, 4, 20, 64, 5)
     assert copy_cfg.n_heldout == 48  # the measurement preset's per-task change
     assert config_from_args(parse(["--policy", "smollm2-135m", "--preset", "measure", "--heldout", "16"]),
                             "copy").n_heldout == 16

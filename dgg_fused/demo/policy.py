@@ -326,7 +326,7 @@ class SmolLM2Policy(Policy):
         arms = ("k1", "naive", "kl", "dgg")
         default = DemoConfig(iters=10, prompts=4, group=8, minibatches=2, n_heldout=32, eval_every=10, lr=3e-6,
                              warmup_iters=2)
-        measure = dataclasses.replace(default, iters=20, n_heldout=64)
+        measure = dataclasses.replace(default, iters=20, n_heldout=64, warmup_iters=5)  # docs/reallm.md's protocol
         quick = dataclasses.replace(default, iters=2, prompts=2, group=4, n_heldout=8, eval_every=2, warmup_iters=1)
         return {"default": Preset(default, ("sum",), arms, ()),
                 "measure": Preset(measure, ("sum", "copy", "product"), arms, ("naive",),
