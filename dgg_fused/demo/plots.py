@@ -109,7 +109,8 @@ def plot_weight_change(out: str, results: Sequence, arm_order: Sequence[str]) ->
         labels = [("lm_head\n(tied: = embedding)" if tied else g) if g == "lm_head" else g.replace("/", "\n")
                   for g in groups]
         ax.set_xticks(range(len(groups)), labels, fontsize=7)
-        ax.set_yscale("log")
+        if any(v > 0 for r in runs for v in r.weight_change.values()):  # a run that never moved has nothing to log
+            ax.set_yscale("log")
         ax.set_ylabel("||W - W0|| / ||W0||", fontsize=8)
         seeds = len({r.seed for r in runs})
         ax.set_title(f"{task}, lr {lr:g}: relative weight change at the end of the run "
@@ -162,7 +163,7 @@ def plot_signals(out: str, results: Sequence, thresholds: Mapping[str, float]) -
                 ax.axhline(thr, color="0.3", lw=0.8, ls="--", label=f"threshold {thr:g}")
                 ax.scatter([x[i] for i in trips], [y[i] for i in trips], marker="v", s=30, color="black",
                            label=f"trip of {key} > {thr:g} ({len(trips)})", zorder=4)
-            if log:
+            if log and any(v > 0 for v in y):
                 ax.set_yscale("log")
             ax.set_ylabel(title, fontsize=7)
             ax.tick_params(labelsize=7)
