@@ -28,10 +28,11 @@ def _input_embedding(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def is_tied(model: nn.Module, lm_head: nn.Module) -> bool:
-    """True when ``lm_head.weight`` is the same tensor as the model's input embedding weight."""
+def is_tied(model: nn.Module, lm_head: nn.Module | torch.Tensor) -> bool:
+    """True when the lm_head weight (``lm_head.weight``, or ``lm_head`` itself when it is a tensor) is the same
+    tensor as the model's input embedding weight."""
     emb = _input_embedding(model)
-    w_out = getattr(lm_head, "weight", None)
+    w_out = lm_head if isinstance(lm_head, torch.Tensor) else getattr(lm_head, "weight", None)
     w_in = getattr(emb, "weight", None) if emb is not None else None
     return w_out is not None and w_in is not None and w_out is w_in
 

@@ -5,8 +5,8 @@ lm_head moves far more than the rest of the network, and that its gradient energ
 :class:`DWDMonitor` measures exactly those quantities in any training loop, so the claim can be checked instead of
 assumed:
 
-* **relative weight change** ``||W - W0|| / ||W0||`` per parameter group (lm_head, attention, MLP, embeddings,
-  other), with the lm_head additionally split into the rows of tokens the task *uses* and the rows it never
+* **relative weight change** ``||W - W0|| / ||W0||`` per parameter group (lm_head, attention, MLP, norms,
+  embeddings, other), with the lm_head additionally split into the rows of tokens the task *uses* and the rows it never
   samples (in an LLM-sized vocabulary almost all rows are of the second kind);
 * **lm_head gradient energy** ``||g||^2`` per optimizer step, tagged with the reuse index k (1 = on-policy pass),
   split the same way into used and unused rows;
@@ -48,15 +48,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .lm_head import params_of
+from .lm_head import is_tied, params_of
 
 __all__ = ["DWDMonitor", "classify_parameters", "GROUP_ORDER", "HarmOracle", "TripEffect", "auc", "signal_auc",
-           "trip_effect"]
+           "trip_effect", "trip_steps"]
 
 #: The default groups, in display order. ``"lm_head"`` is found by identity; the rest by parameter name.
-GROUP_ORDER = ("lm_head", "attention", "mlp", "embeddings", "other")
+GROUP_ORDER = ("lm_head", "attention", "mlp", "norms", "embeddings", "other")
 
-_NAME_RULES = (
+_NAME_RULES = (  # in order: norms first, so that e.g. Llama's ``post_attention_layernorm`` is not "attention"
+    ("norms", ("norm", "ln_")),
     ("embeddings", ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")),
     ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")),
     ("mlp", ("mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")),
@@ -68,11 +69,13 @@ def classify_parameters(model: nn.Module, lm_head: Iterable[torch.Tensor] = ()) 
 
     Args:
         model: any module.
-        lm_head: the output projection's parameters (matched by identity, so a tied embedding counts as lm_head).
+        lm_head: the output projection's parameters (matched by identity, so an input embedding tied to it is
+            counted once, as lm_head).
 
     Returns:
         ``{group: [parameters]}`` for the non-empty groups. A parameter goes to the first rule whose substring
-        occurs in its (lower-cased) name: embeddings, attention, MLP; anything else (norms, biases of unnamed
+        occurs in its (lower-cased) name: norms (``norm``, ``ln_``: RMSNorm / LayerNorm weights and biases, also
+        Llama's ``post_attention_layernorm``), embeddings, attention, MLP; anything else (biases of unnamed
         modules) is ``"other"``.
     """
     head_ids = {id(p) for p in lm_head}
@@ -118,6 +121,9 @@ class DWDMonitor:
             :func:`classify_parameters`. The lm_head row split is reported in addition to these groups.
 
     Attributes:
+        tied: True when the lm_head weight is the model's input embedding weight (tied word embeddings, e.g.
+            SmolLM2, Qwen2.5-0.5B): the ``"lm_head"`` group is then that one shared matrix, counted once (there is
+            no separate ``"embeddings"`` entry for it), and its energy is the shared matrix's gradient.
         steps: one dict per :meth:`record_gradients` / :meth:`end_step` pair, in order. Keys: ``step``,
             ``reuse_index``, ``energy``, ``energy_used``, ``energy_unused`` (from :meth:`record_gradients`), and
             ``update``, ``update_used``, ``update_unused``, ``skipped`` (from :meth:`end_step`).
@@ -138,6 +144,7 @@ class DWDMonitor:
                 raise ValueError("DWDMonitor: pass lm_head= (the model has no get_output_embeddings())")
         self.model = model
         self.lm_head_weight, head_params = _lm_head_weight(lm_head)
+        self.tied = is_tied(model, self.lm_head_weight)
         vocab = self.lm_head_weight.shape[0]
         if groups is None:
             groups = classify_parameters(model, head_params)
@@ -348,31 +355,45 @@ class TripEffect:
     random_delta: float
 
 
-def trip_effect(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> TripEffect:
-    """:class:`TripEffect` of the rule "on a reuse step, trip when ``signal > threshold``" over ``steps`` (dicts
-    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order). A batch's steps are contiguous; a
-    first-pass step after a reuse step starts a new occurrence of a batch even when its id repeats (epochs)."""
-    stopped = False
-    prev: tuple[Any, int] | None = None
-    trips = removed = 0
-    removed_delta = 0.0
+def _new_occurrence(steps: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Per step: does it start a new occurrence of a batch? A batch's steps are contiguous; a first-pass step after
+    a reuse step starts a new occurrence even when its id repeats (epochs)."""
+    out, prev = [], None
     for s in steps:
         b, k = s["batch"], int(s["reuse_index"])
-        if prev is None or b != prev[0] or (k == 1 and prev[1] > 1):
-            stopped = False  # a new batch, or a new occurrence of the same id
+        out.append(prev is None or b != prev[0] or (k == 1 and prev[1] > 1))
         prev = (b, k)
-        if stopped:
-            removed += 1
-            removed_delta += float(s["delta"])
-            continue
-        if k > 1 and float(s[signal]) > threshold:
+    return out
+
+
+def trip_steps(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> list[int]:
+    """Where the rule "on a reuse step, trip when ``signal > threshold``" trips in a recorded (never-gated) run:
+    the indices into ``steps`` (dicts with ``batch``, ``reuse_index`` and the signal, in step order) of each
+    batch occurrence's first reuse step whose signal exceeds ``threshold`` (a trip ends reuse of the batch)."""
+    out, stopped = [], False
+    for i, (s, new) in enumerate(zip(steps, _new_occurrence(steps))):
+        stopped = stopped and not new
+        if not stopped and int(s["reuse_index"]) > 1 and float(s[signal]) > threshold:
             stopped = True
-            trips += 1
+            out.append(i)
+    return out
+
+
+def trip_effect(steps: Sequence[Mapping[str, Any]], signal: str, threshold: float) -> TripEffect:
+    """:class:`TripEffect` of the rule "on a reuse step, trip when ``signal > threshold``" over ``steps`` (dicts
+    with ``batch``, ``reuse_index``, ``delta`` and the signal, in step order; the trips: :func:`trip_steps`)."""
+    trips = set(trip_steps(steps, signal, threshold))
+    stopped = False
+    removed = 0
+    removed_delta = 0.0
+    for i, (s, new) in enumerate(zip(steps, _new_occurrence(steps))):
+        stopped = (stopped and not new) or i in trips
+        if stopped:
             removed += 1
             removed_delta += float(s["delta"])
     rs = _reuse_steps(steps)
     mean_reuse = statistics.fmean(float(s["delta"]) for s in rs) if rs else 0.0
-    return TripEffect(trips, removed, removed_delta, removed * mean_reuse)
+    return TripEffect(len(trips), removed, removed_delta, removed * mean_reuse)
 
 
 class HarmOracle:

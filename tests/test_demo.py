@@ -51,7 +51,8 @@ def test_quick_end_to_end(tmp_path, capsys, quick_cache):
     rc = main(["--quick", "--out", str(out), "--cache-dir", quick_cache, "--no-progress", "--jobs", "1",
                "--arms", "k1,naive,dgg"])
     assert rc == 0
-    for f in ("results.json", "summary.csv", "report.md", "runs.jsonl", "expected_reward.png"):
+    for f in ("results.json", "summary.csv", "report.md", "runs.jsonl", "expected_reward.png", "weight_change.png",
+              "signals.png"):
         assert (out / f).stat().st_size > 0, f
     res = json.loads((out / "results.json").read_text())
     assert {r["arm"] for r in res["summary"]} == {"k1", "naive", "dgg"}
@@ -301,3 +302,31 @@ def test_oracle_arm_keeps_exactly_the_steps_that_do_not_lower_the_oracle_j(small
             assert j_now == before
         else:  # kept: the oracle J did not fall
             assert j_now >= before
+
+
+def test_presets_and_policy_options_on_the_command_line():
+    """--preset picks a policy's named configuration, the explicit knobs override it (per task too); the toy's
+    fingerprint has no policy entry (its records from before the policies existed still resume), another
+    policy's names it; misuse stops with a message."""
+    from dgg_fused.demo.__main__ import _fingerprint, build_parser, config_from_args, policy_from_args
+    from dgg_fused.demo.run import DemoConfig
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse([])) == DemoConfig()
+    _, preset = policy_from_args(parse(["--policy", "smollm2-135m", "--preset", "measure"]))
+    assert preset.tasks == ("sum", "copy", "product") and preset.observe == ("naive",)
+    args = parse(["--policy", "smollm2-135m", "--preset", "measure", "--prompts", "6", "--group", "4"])
+    sum_cfg, copy_cfg = config_from_args(args, "sum"), config_from_args(args, "copy")
+    assert (sum_cfg.prompts, sum_cfg.group, sum_cfg.iters, sum_cfg.n_heldout, sum_cfg.warmup_iters) == (6, 4, 20, 64, 5)
+    assert copy_cfg.n_heldout == 48  # the measurement preset's per-task change
+    assert config_from_args(parse(["--policy", "smollm2-135m", "--preset", "measure", "--heldout", "16"]),
+                            "copy").n_heldout == 16
+    d = config_from_args(parse(["--policy", "smollm2-135m"]))
+    assert (d.iters, d.prompts, d.group, d.minibatches, d.n_heldout, d.lr, d.K) == (10, 4, 8, 2, 32, 3e-6, 4)
+    assert set(json.loads(_fingerprint(DemoConfig()))) == {"config", "numerics"}
+    assert json.loads(_fingerprint(DemoConfig(), {"policy": "p", "weights": "w"}))["policy"] == {"policy": "p",
+                                                                                                "weights": "w"}
+    for bad in (["--preset", "measure"], ["--quick", "--preset", "default"], ["--gguf", "x.gguf"],
+                ["--policy", "smollm2-135m", "--warm-steps", "5"]):
+        with pytest.raises((SystemExit, ValueError)):
+            policy_from_args(parse(bad))

@@ -7,8 +7,13 @@ import torch
 from dgg_fused.demo.evaluate import HeldOut
 from dgg_fused.demo.grpo import decode_completions, encode_prompts, generate
 from dgg_fused.demo.model import ModelConfig, build_model, build_tokenizer
+from dgg_fused.demo.policy import WordCodec
 from dgg_fused.demo.tasks import AdditionTask, Example, ReversalTask
 from dgg_fused.demo.warmstart import WarmStartConfig, warm_start
+
+
+def _codec(tok):
+    return WordCodec(tok, tok.eos_token_id, tok.pad_token_id)
 
 
 def test_expected_reward_matches_brute_force_sampling():
@@ -20,7 +25,7 @@ def test_expected_reward_matches_brute_force_sampling():
     model.load_state_dict(state)
     model.eval()
     exs = task.make_prompts(random.Random(5), 4)
-    held = HeldOut.build(task, tok, exs)
+    held = HeldOut.build(task, _codec(tok), exs)
     assert held.exact
     p = held.per_prompt(model)
     assert ((p > 0.05) & (p < 0.95)).all(), p  # a policy that is neither right nor wrong for sure
@@ -51,13 +56,13 @@ def test_several_accepted_answers_are_summed_and_missing_answers_give_a_lower_bo
     tok = build_tokenizer(task.words, 32)
     model = build_model(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32), tok, 0).eval()
     ex = Example("3 + 4 =", "0 7")
-    both = HeldOut.build(task, tok, [ex]).per_prompt(model)
-    one = HeldOut.build(AdditionTask(digits=1), tok, [ex]).per_prompt(model)
+    both = HeldOut.build(task, _codec(tok), [ex]).per_prompt(model)
+    one = HeldOut.build(AdditionTask(digits=1), _codec(tok), [ex]).per_prompt(model)
     assert both.item() > one.item() > 0
 
     class NoList(AdditionTask):
         answers = None
 
-    held = HeldOut.build(NoList(digits=1), tok, [ex])
+    held = HeldOut.build(NoList(digits=1), _codec(tok), [ex])
     assert not held.exact
     torch.testing.assert_close(held.per_prompt(model), one)

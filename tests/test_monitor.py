@@ -37,7 +37,33 @@ def test_classify_parameters():
     assert g["embeddings"] == [m.embed_tokens.weight]
     assert g["attention"] == [m.self_attn.weight]
     assert g["mlp"] == [m.mlp.weight]
-    assert set(map(id, g["other"])) == {id(m.norm.weight), id(m.norm.bias)}
+    assert set(map(id, g["norms"])) == {id(m.norm.weight), id(m.norm.bias)}
+    assert "other" not in g
+
+
+def test_llama_groups_and_a_tied_lm_head_counted_once():
+    """A Llama's parameters by group: the norms (also ``post_attention_layernorm``, whose name says attention) are
+    their own group; a tied lm_head is the embedding matrix, counted once as lm_head, and the monitor says so."""
+    transformers = pytest.importorskip("transformers")
+    for tie in (False, True):
+        cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+        model = transformers.LlamaForCausalLM(cfg)
+        g = classify_parameters(model, model.lm_head.parameters())
+        names = {id(p): n for n, p in model.named_parameters()}
+        by = {k: sorted(names[id(p)] for p in ps) for k, ps in g.items()}
+        assert by["norms"] == sorted([f"model.layers.{i}.{n}.weight" for i in range(2)
+                                      for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm.weight"])
+        assert all(n.split(".")[3] == "self_attn" for n in by["attention"]) and len(by["attention"]) == 8
+        assert all(n.split(".")[3] == "mlp" for n in by["mlp"]) and len(by["mlp"]) == 6
+        assert "other" not in by
+        assert sum(len(ps) for ps in g.values()) == len(list(model.parameters()))  # every parameter, once
+        mon = DWDMonitor(model, lm_head=model.lm_head)
+        assert mon.tied is tie and DWDMonitor(model, lm_head=model.lm_head.weight).tied is tie
+        if tie:
+            assert by["lm_head"] == ["model.embed_tokens.weight"] and "embeddings" not in by
+        else:
+            assert by["lm_head"] == ["lm_head.weight"] and by["embeddings"] == ["model.embed_tokens.weight"]
 
 
 def test_weight_change_numbers():
@@ -62,7 +88,7 @@ def test_weight_change_numbers():
         m.norm.bias += 3.0
         m.norm.weight += 0.0
     wc = mon.weight_change()
-    assert wc["other"] == pytest.approx(math.sqrt(9 * 2) / math.sqrt(2))
+    assert wc["norms"] == pytest.approx(math.sqrt(9 * 2) / math.sqrt(2))
     assert wc["lm_head"] == 0.0
 
 
@@ -120,7 +146,7 @@ def test_monitor_errors():
 
 
 # ------------------------------------------------------------------------------------------ harm oracle
-from dgg_fused.monitor import HarmOracle, TripEffect, auc, signal_auc, trip_effect  # noqa: E402
+from dgg_fused.monitor import HarmOracle, TripEffect, auc, signal_auc, trip_effect, trip_steps  # noqa: E402
 
 
 def test_auc_hand_cases():
@@ -159,10 +185,12 @@ def test_signal_auc_counts_reuse_steps_only():
 def test_trip_effect_hand_case():
     # s > 2.5: batch 1 trips at its first reuse step (removes it and the next: -0.1 + 0.2); batch 2 never trips
     e = trip_effect(_steps(), "s", 2.5)
+    assert trip_steps(_steps(), "s", 2.5) == [1]
     mean_reuse = (-0.1 + 0.2 + 0.1 - 0.2) / 4
     assert e == TripEffect(trips=1, removed_steps=2, removed_delta=pytest.approx(0.1), random_delta=pytest.approx(2 * mean_reuse))
     # s > 0.4: both batches trip at their first reuse step; first-pass steps never trip
     e = trip_effect(_steps(), "s", 0.4)
+    assert trip_steps(_steps(), "s", 0.4) == [1, 4]  # one trip per batch: the first crossing on a reuse step
     assert (e.trips, e.removed_steps) == (2, 4) and e.removed_delta == pytest.approx(0.0)
     assert trip_effect(_steps(), "s", 100.0).removed_steps == 0
 

@@ -8,8 +8,11 @@ policy) is the probability that a sampled completion is accepted. The built-in t
 
 is exact and free of sampling noise; a task listing several accepted completions (``Task.answers``) gets their
 probabilities summed, and a task that lists none gets the probability of ``Example.target`` alone — a lower bound
-(``HeldOut.exact`` is then False and the report says so). ``tests/test_evaluate.py`` checks J against brute-force
-sampling on a tiny policy.
+(``HeldOut.exact`` is then False and the report says so). Which token rows a completion can be is the policy
+codec's answer (:meth:`dgg_fused.demo.policy.Codec.answer_rows`): one per answer for the toy's word-level
+tokenizer, every token sequence that reads as the answer's text (then the newline stop token) for the pretrained
+policy. ``tests/test_evaluate.py`` checks J against brute-force sampling on a tiny policy, ``tests/test_lm.py``
+against an enumeration of every completion of a tiny pretrained-format model.
 
 Secondary: greedy accuracy on the same prompts (a deterministic decode through the task's verifier).
 """
@@ -21,58 +24,55 @@ from typing import Any
 
 import torch
 
-from .grpo import completion_logprobs, decode_completions, encode_prompts, generate
-from .tasks import Example, Task, accepted_answers
+from .tasks import Example, Task
 
 __all__ = ["HeldOut"]
 
 
 @dataclass
 class HeldOut:
-    """A fixed held-out prompt set, encoded once for teacher forcing.
+    """A fixed held-out prompt set, encoded once for teacher forcing by the policy's codec
+    (:class:`dgg_fused.demo.policy.Codec`).
 
     Build with :meth:`build`. ``exact`` is False when some task answers were not enumerable (lower bound).
     """
 
     task: Task
-    tokenizer: Any
+    codec: Any
     examples: list[Example]
     exact: bool
-    prompt_ids: torch.Tensor  # [M, P] one row per (example, accepted answer)
+    prompt_ids: torch.Tensor  # [M, P] one row per (example, accepted completion)
     prompt_mask: torch.Tensor
-    comp_ids: torch.Tensor  # [M, T] answer tokens then EOS, right padded
+    comp_ids: torch.Tensor  # [M, T] an accepted completion's tokens then the stop token, right padded
     comp_mask: torch.Tensor  # [M, T] float
     owner: torch.Tensor  # [M] long: the example each row belongs to
 
     @classmethod
-    def build(cls, task: Task, tokenizer, examples: list[Example]) -> "HeldOut":
-        prompts, answers, owner = [], [], []
+    def build(cls, task: Task, codec, examples: list[Example]) -> "HeldOut":
+        prompts, rows, owner = [], [], []
         exact = True
         for i, ex in enumerate(examples):
-            ans, ok = accepted_answers(task, ex)
+            r, ok = codec.answer_rows(task, ex)
             exact &= ok
-            for a in ans:
-                prompts.append(ex.prompt)
-                answers.append(a)
-                owner.append(i)
-        p_ids, p_mask = encode_prompts(tokenizer, prompts)
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        rows = [tokenizer.convert_tokens_to_ids(a.split()) + [eos] for a in answers]
-        if any(tokenizer.unk_token_id in r for r in rows):
-            raise ValueError("an accepted answer contains a word outside the task's vocabulary")
+            rows += r
+            prompts += [ex.prompt] * len(r)
+            owner += [i] * len(r)
+        if not rows:
+            raise ValueError(f"task {task.name!r}: no accepted completion of any held-out prompt can be sampled")
+        p_ids, p_mask = codec.encode(prompts)
         width = max(len(r) for r in rows)
-        c_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        c_ids = torch.full((len(rows), width), codec.pad_id, dtype=torch.long)
         c_mask = torch.zeros(len(rows), width)
         for j, r in enumerate(rows):
             c_ids[j, : len(r)] = torch.tensor(r)
             c_mask[j, : len(r)] = 1.0
-        return cls(task, tokenizer, list(examples), exact, p_ids, p_mask, c_ids, c_mask,
+        return cls(task, codec, list(examples), exact, p_ids, p_mask, c_ids, c_mask,
                    torch.tensor(owner, dtype=torch.long))
 
     @torch.no_grad()
     def per_prompt(self, model) -> torch.Tensor:
         """``[n_examples]`` float64: the probability of an accepted completion for each held-out prompt."""
-        logp = completion_logprobs(model, self.prompt_ids, self.prompt_mask, self.comp_ids, self.comp_mask)
+        logp = self.codec.logprobs(model, self.prompt_ids, self.prompt_mask, self.comp_ids, self.comp_mask)
         p = logp.double().sum(dim=1).exp()
         return torch.zeros(len(self.examples), dtype=torch.float64).index_add_(0, self.owner, p)
 
@@ -83,9 +83,7 @@ class HeldOut:
     @torch.no_grad()
     def greedy_accuracy(self, model) -> float:
         """Fraction of held-out prompts whose greedy completion the verifier accepts."""
-        tok = self.tokenizer
-        p_ids, p_mask = encode_prompts(tok, [ex.prompt for ex in self.examples])
-        c_ids, c_mask = generate(model, p_ids, p_mask, self.task.max_new_tokens, tok.eos_token_id,
-                                 tok.pad_token_id, greedy=True)
-        texts = decode_completions(tok, c_ids, c_mask, tok.eos_token_id)
+        p_ids, p_mask = self.codec.encode([ex.prompt for ex in self.examples])
+        c_ids, c_mask = self.codec.sample(model, p_ids, p_mask, self.task.max_new_tokens, greedy=True)
+        texts = self.codec.decode(c_ids, c_mask)
         return sum(self.task.verify(ex, t) for ex, t in zip(self.examples, texts)) / len(texts)

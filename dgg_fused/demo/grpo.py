@@ -14,6 +14,7 @@ hand — ``tests/test_grpo.py`` does.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,28 @@ def _hidden(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def _forward(model, cache, new_cache: bool = False, **kw):
+    """``model.model(**kw)`` continuing ``cache`` (None: none; ``new_cache``: start one) -> ``(last_hidden_state,
+    cache)``. The keyword is ``cache`` in transformers 5, ``past_key_values`` before (deprecated in 5.x)."""
+    if cache is not None:
+        kw["cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"] = cache
+    out = model.model(use_cache=cache is not None or new_cache, **kw)
+    return out.last_hidden_state, (out["cache"] if "cache" in out else out.get("past_key_values"))
+
+
+def _prefixed(model, prefix_ids: torch.Tensor | None, n: int, mask: torch.Tensor):
+    """``(cache, attention_mask, position_ids)`` for ``n`` rows that continue ``prefix_ids`` ([1, L] or None) with
+    tokens masked by ``mask`` [n, S]: the prefix is run once and its keys and values shared by every row
+    (differentiable: the gradient of every row flows into the one prefix computation)."""
+    if prefix_ids is None or prefix_ids.shape[1] == 0:
+        return None, mask, _positions(mask)
+    L = prefix_ids.shape[1]
+    _, cache = _forward(model, None, input_ids=prefix_ids, position_ids=torch.arange(L)[None], new_cache=True)
+    cache.reorder_cache(torch.zeros(n, dtype=torch.long))  # batch 1 -> n (an index, so autograd sums the rows)
+    full = torch.cat([torch.ones(n, L, dtype=mask.dtype), mask], dim=1)
+    return cache, full, _positions(full)[:, L:]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -72,18 +95,33 @@ def generate(
     greedy: bool = False,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    kv_cache: bool = False,
+    prefix_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (or greedily decode) up to ``max_new_tokens`` tokens per prompt; stop a row at EOS.
 
     Returns ``(comp_ids [N, T], comp_mask [N, T] float)``; tokens after a row's EOS are ``pad_id`` with mask 0.
-    Only the last position's logits are computed (the lm_head is the big matrix here).
+    Only the last position's logits are computed (the lm_head is the big matrix here). One ``multinomial`` draw
+    per step over all rows, from ``generator``.
+
+    ``kv_cache=False`` (the toy policy's sampler) re-reads the whole sequence every step. ``kv_cache=True`` reads
+    the prompt once, after ``prefix_ids`` ([1, L], a prefix every row shares, read once for all rows), and keeps a
+    KV cache: the same draws, logits equal to the re-reading ones up to floating-point rounding (a test).
     """
+    if prefix_ids is not None and not kv_cache:
+        raise ValueError("generate: a shared prefix_ids needs kv_cache=True")
     n = prompt_ids.shape[0]
     ids, mask = prompt_ids, prompt_mask
+    if kv_cache:
+        cache, mask, pos = _prefixed(model, prefix_ids, n, prompt_mask)
+        h, cache = _forward(model, cache, new_cache=True, input_ids=prompt_ids, attention_mask=mask, position_ids=pos)
+        nxt_pos = pos[:, -1:] + 1
+    else:
+        h = _hidden(model, ids, mask)
+    h = h[:, -1]
     toks, live_cols = [], []
     alive = torch.ones(n, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        h = _hidden(model, ids, mask)[:, -1]
+    for step in range(max_new_tokens):
         logits = model.lm_head(h).float()
         if greedy:
             nxt = logits.argmax(-1)
@@ -93,11 +131,17 @@ def generate(
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
         toks.append(nxt)
         live_cols.append(alive.clone())
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
         alive = alive & (nxt != eos_id)
-        if not bool(alive.any()):
+        if step + 1 == max_new_tokens or not bool(alive.any()):
             break
+        if kv_cache:
+            h, cache = _forward(model, cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=nxt_pos)
+            nxt_pos = nxt_pos + 1
+        else:
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            h = _hidden(model, ids, mask)
+        h = h[:, -1]
     comp = torch.stack(toks, dim=1)
     cmask = torch.stack(live_cols, dim=1).float()
     if comp.shape[1] < max_new_tokens:  # pad to the fixed width T so batches stack
@@ -108,17 +152,27 @@ def generate(
 
 
 def completion_logprobs(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comp_ids: torch.Tensor, comp_mask: torch.Tensor
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    comp_ids: torch.Tensor,
+    comp_mask: torch.Tensor,
+    *,
+    prefix_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token log-probs ``[N, T]`` of ``comp_ids`` under ``model`` (differentiable); 0 where masked."""
-    p = prompt_ids.shape[1]
-    t = comp_ids.shape[1]
+    """Per-token log-probs ``[N, T]`` of ``comp_ids`` under ``model`` (differentiable); 0 where masked.
+
+    ``prefix_ids`` ([1, L]): a prefix every row continues (a few-shot template), run once for the batch, its keys
+    and values shared by every row, forward and backward (equal to prepending it to every row, up to rounding: a
+    test). Without it the rows are read as they are.
+    """
+    p, t = prompt_ids.shape[1], comp_ids.shape[1]
     ids = torch.cat([prompt_ids, comp_ids], dim=1)
-    mask = torch.cat([prompt_mask, comp_mask.long()], dim=1)
-    h = _hidden(model, ids, mask)[:, p - 1 : p + t - 1]
+    cache, mask, pos = _prefixed(model, prefix_ids, ids.shape[0], torch.cat([prompt_mask, comp_mask.long()], dim=1))
+    h, _ = _forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos)
+    h = h[:, p - 1 : p + t - 1]
     logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)
-    out = logp.gather(-1, comp_ids[..., None]).squeeze(-1)
-    return out * comp_mask
+    return logp.gather(-1, comp_ids[..., None]).squeeze(-1) * comp_mask
 
 
 def decode_completions(tokenizer, comp_ids: torch.Tensor, comp_mask: torch.Tensor, eos_id: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Summaries, tables, the pre-registered targets, the signal table, files and plots of testbed runs.
+"""Summaries, tables, the pre-registered targets, the signal table and the files of testbed runs (the plots:
+:mod:`dgg_fused.demo.plots`).
 
 Definitions (also printed under the table):
 
@@ -33,8 +34,9 @@ from .stats import (Estimate, area, diff_of_means, first_reach, fraction_of_gain
 
 __all__ = ["summarize", "aggregate", "format_table", "targets", "format_targets", "target_summary",
            "format_target_summary", "signals", "format_signals",
-           "write_results", "plot_curves", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS",
-           "derived_steps", "oracle_fractions", "format_oracle_fractions"]
+           "write_results", "DEFINITIONS", "TARGET_MARGIN", "FINAL_BATCHES", "SIGNALS",
+           "derived_steps", "oracle_fractions", "format_oracle_fractions", "DWD_GROUPS", "weight_change_table",
+           "format_weight_change"]
 
 DEFINITIONS = __doc__.split("Definitions (also printed under the table):", 1)[1].strip()
 #: The target is at least J0 + TARGET_MARGIN.
@@ -76,6 +78,16 @@ def _scored(steps: Sequence[dict[str, Any]], sig: str, direction: str) -> float:
     if direction == "low":
         rows = [{**s, sig: -float(s[sig])} for s in rows]
     return signal_auc(rows, sig)
+#: The module groups of the weight-change (DWD) table and plot, in display order (dgg_fused.monitor.DWDMonitor's
+#: groups; "lm_head/used" and "/unused": the rows of the tokens the task uses and of all others).
+DWD_GROUPS = ("lm_head", "lm_head/used", "lm_head/unused", "attention", "mlp", "norms", "embeddings")
+
+
+def _dw(group: str) -> str:
+    """The summary field of a weight-change group: ``dw_lm_head_used`` for ``lm_head/used``."""
+    return "dw_" + group.replace("/", "_")
+
+
 #: The baselines of the "final J" target.
 BASELINES = ("k1", "k2", "kl")
 
@@ -107,8 +119,8 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
             "passes": r.counts.passes / max(1, r.counts.rollout_batches),
             "trips": r.counts.trips, "steps_applied": r.counts.steps_applied,
             "steps_attempted": r.counts.steps_attempted,
-            "dw_lm_head_unused": r.weight_change.get("lm_head/unused", float("nan")),
-            "dw_lm_head_used": r.weight_change.get("lm_head/used", float("nan")),
+            **{_dw(g): r.weight_change.get(g, float("nan")) for g in DWD_GROUPS},
+            "tied_lm_head": r.tied_lm_head,
         })
     return rows
 
@@ -160,6 +172,33 @@ def aggregate(rows: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> list[
                     a[name] = paired_bootstrap(xa, xb, stat)
             out.append(a)
     return out
+
+
+def weight_change_table(rows: Sequence[dict[str, Any]], arm_order: Sequence[str]) -> list[dict[str, Any]]:
+    """Per (task, lr, arm): the seed mean of each group's relative weight change at the end of the run."""
+    out = []
+    for key in dict.fromkeys(_key(r) for r in rows):
+        for arm in arm_order:
+            rs = [r for r in rows if _key(r) == key and r["arm"] == arm]
+            if rs:
+                out.append({"task": key[0], "lr": key[1], "arm": arm, "seeds": len(rs),
+                            "tied": any(r.get("tied_lm_head") for r in rs),
+                            **{g: _ms(r[_dw(g)] for r in rs)[0] for g in DWD_GROUPS}})
+    return out
+
+
+def format_weight_change(table: Sequence[dict[str, Any]]) -> str:
+    if not table:
+        return ""
+    groups = [g for g in DWD_GROUPS if any(t[g] == t[g] for t in table)]
+    lines = ["| task | lr | arm | seeds | " + " | ".join(groups) + " |", "|" + "---|" * (4 + len(groups))]
+    for t in table:
+        lines.append(f"| {t['task']} | {t['lr']:g} | {t['arm']} | {t['seeds']} | "
+                     + " | ".join(_f(t[g], ".2e") for g in groups) + " |")
+    if any(t["tied"] for t in table):
+        lines.append("\nlm_head tied to the input embedding: one matrix, counted once as lm_head (no embeddings "
+                     "entry); its energy is the shared matrix's gradient.")
+    return "\n".join(lines)
 
 
 def oracle_fractions(rows: Sequence[dict[str, Any]], arm_order: Sequence[str],
@@ -378,15 +417,16 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: str, fractions=()) -> list[str]:
-    """results.json (meta, per-run summary, table, signals, targets, shares of the oracle's gain), summary.csv and
-    report.md under ``out``."""
+def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: str, fractions=(),
+                  weight_change=()) -> list[str]:
+    """results.json (meta, per-run summary, table, signals, targets, shares of the oracle's gain, weight-change
+    table), summary.csv and report.md under ``out``."""
     os.makedirs(out, exist_ok=True)
     paths = []
     p = os.path.join(out, "results.json")
     with open(p, "w") as f:
         json.dump(_jsonable({"meta": meta, "summary": rows, "table": agg, "signals": sig, "targets": tgts,
-                             "oracle_fractions": list(fractions)}), f, indent=1)
+                             "oracle_fractions": list(fractions), "weight_change": list(weight_change)}), f, indent=1)
     paths.append(p)
     p = os.path.join(out, "summary.csv")
     with open(p, "w", newline="") as f:
@@ -400,35 +440,3 @@ def write_results(out: str, meta: dict[str, Any], rows, agg, sig, tgts, text: st
         f.write(text + "\n")
     paths.append(p)
     return paths
-
-
-def plot_curves(out: str, results: Sequence[RunResult], arm_order: Sequence[str]) -> str:
-    """expected_reward.png: mean exact expected reward vs rollouts per arm, one panel per (task, lr)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(dict.fromkeys((r.task, r.lr) for r in results))
-    tasks = list(dict.fromkeys(k[0] for k in keys))
-    lrs = sorted({k[1] for k in keys})
-    fig, axes = plt.subplots(len(tasks), len(lrs), figsize=(5 * len(lrs), 3.6 * len(tasks)), squeeze=False)
-    for i, task in enumerate(tasks):
-        for j, lr in enumerate(lrs):
-            ax = axes[i][j]
-            for arm in arm_order:
-                runs = [r for r in results if (r.task, r.lr, r.arm) == (task, lr, arm)]
-                if not runs:
-                    continue
-                x = [b.rollouts for b in runs[0].history]
-                y = [statistics.fmean(v) for v in zip(*[[b.expected for b in r.history] for r in runs])]
-                ax.plot(x, y, label=arm)
-            ax.set_title(f"{task}, lr {lr:g}: exact expected reward (seed mean)", fontsize=9)
-            ax.set_xlabel("rollouts")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(out, "expected_reward.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    return p

@@ -1,4 +1,5 @@
-"""One testbed run: GRPO on one task from a warm start, one arm, one seed, one learning rate.
+"""One testbed run: GRPO on one task from the policy's initial weights (the toy's warm start, the pretrained LM's
+own weights), one arm, one seed, one learning rate.
 
 Every arm gets the same prompts, sampling seeds, optimizer (fused AdamW) and schedule; each pass over a rollout
 batch is split into ``minibatches`` optimizer steps; the arms differ only in how many passes they make and who
@@ -33,18 +34,14 @@ from .. import GateConfig
 from ..monitor import DWDMonitor, HarmOracle
 from .arms import Arm, RunContext
 from .evaluate import HeldOut
-from .grpo import Rollouts, completion_logprobs, decode_completions, encode_prompts, generate, group_advantages, ppo_clip_loss
-from .model import ModelConfig, build_model, build_tokenizer, task_token_ids
+from .grpo import Rollouts, group_advantages, ppo_clip_loss
+from .model import ModelConfig
+from .policy import HELDOUT_SEED, ORACLE_SEED, Policy, PreparedTask, ToyPolicy
 from .tasks import Task
 from .warmstart import WarmStartConfig
 
 __all__ = ["DemoConfig", "PreparedTask", "prepare_task", "run_arm", "RunResult", "BatchRecord", "Counts",
            "one_thread", "HELDOUT_SEED", "ORACLE_SEED"]
-
-#: The held-out prompt set is drawn from this seed (disjoint from training prompts only in expectation).
-HELDOUT_SEED = 987654321
-#: The oracle arm's prompt set is drawn from this seed, excluding every held-out prompt.
-ORACLE_SEED = 123456789
 
 
 @dataclass(frozen=True)
@@ -78,34 +75,10 @@ class DemoConfig:
         return asdict(self)
 
 
-@dataclass
-class PreparedTask:
-    """A task with its tokenizer and its two fixed prompt sets: ``heldout`` (the evaluation metric) and ``oracle``
-    (only the oracle arm judges its steps on it; disjoint from ``heldout``, so no arm is selected on the metric)."""
-
-    task: Task
-    tokenizer: Any
-    used_rows: list[int]
-    heldout: HeldOut
-    oracle: HeldOut
-
-
-def _disjoint_prompts(task: Task, seed: int, n: int, exclude: set[str]) -> list:
-    """``n`` prompts from ``seed`` whose text is not in ``exclude`` (a task with too few distinct prompts raises)."""
-    rng, out = random.Random(seed), []
-    for _ in range(1000):
-        out += [ex for ex in task.make_prompts(rng, n) if ex.prompt not in exclude]
-        if len(out) >= n:
-            return out[:n]
-    raise ValueError(f"task {task.name!r}: cannot draw {n} oracle prompts disjoint from the held-out set")
-
-
-def prepare_task(task: Task, cfg: DemoConfig) -> PreparedTask:
-    tok = build_tokenizer(task.words, cfg.model.vocab_size)
-    exs = task.make_prompts(random.Random(HELDOUT_SEED), cfg.n_heldout)
-    orc = _disjoint_prompts(task, ORACLE_SEED, cfg.n_heldout, {ex.prompt for ex in exs})
-    return PreparedTask(task, tok, task_token_ids(tok, task.words), HeldOut.build(task, tok, exs),
-                        HeldOut.build(task, tok, orc))
+def prepare_task(task: Task, cfg: DemoConfig, policy: Policy | None = None, cache_dir: str | None = None
+                 ) -> PreparedTask:
+    """``policy.prepare(task, cfg, cache_dir)`` (default: the toy policy)."""
+    return (policy or ToyPolicy()).prepare(task, cfg, cache_dir)
 
 
 @contextlib.contextmanager
@@ -159,6 +132,8 @@ class RunResult:
     counts: Counts
     weight_change: dict[str, float]
     steps: list[dict[str, Any]] = field(default_factory=list)  # harm-oracle steps (observe=True)
+    policy: str = "toy"
+    tied_lm_head: bool = False  # weight_change["lm_head"] is the lm_head tied to the input embedding, counted once
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,15 +147,13 @@ class RunResult:
 
 
 def _rollouts(model, pt: PreparedTask, exs, group: int, gen: torch.Generator) -> Rollouts:
-    tok, task = pt.tokenizer, pt.task
-    prompts = [ex.prompt for ex in exs for _ in range(group)]
-    p_ids, p_mask = encode_prompts(tok, prompts)
-    c_ids, c_mask = generate(model, p_ids, p_mask, task.max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                             generator=gen)
-    texts = decode_completions(tok, c_ids, c_mask, tok.eos_token_id)
+    codec, task = pt.codec, pt.task
+    p_ids, p_mask = codec.encode([ex.prompt for ex in exs for _ in range(group)])
+    c_ids, c_mask = codec.sample(model, p_ids, p_mask, task.max_new_tokens, generator=gen)
+    texts = codec.decode(c_ids, c_mask)
     rewards = torch.tensor([task.verify(ex, t) for ex, t in zip((e for e in exs for _ in range(group)), texts)])
     with torch.no_grad():
-        old = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask)
+        old = codec.logprobs(model, p_ids, p_mask, c_ids, c_mask)
     return Rollouts(p_ids, p_mask, c_ids, c_mask, old, rewards, group_advantages(rewards, group))
 
 
@@ -199,12 +172,14 @@ def run_arm(
     arm: Arm,
     cfg: DemoConfig,
     seed: int,
-    warm_state: dict[str, torch.Tensor],
+    warm_state: dict[str, torch.Tensor] | None,
     *,
     observe: bool = False,
-    on_iter: Callable[[], None] | None = None,
+    on_iter: Callable[[BatchRecord], None] | None = None,
 ) -> RunResult:
-    """Train ``arm`` from ``warm_state`` for ``cfg.iters`` rollout batches at ``cfg.lr``; see the module doc."""
+    """Train ``arm`` from ``warm_state`` (None: the policy's own initial weights, e.g. the pretrained LM's) for
+    ``cfg.iters`` rollout batches at ``cfg.lr``; ``on_iter`` is called with each rollout batch's record. See the
+    module doc."""
     with one_thread():
         return _Run(pt, arm, cfg, seed, warm_state, observe).train(on_iter)
 
@@ -212,8 +187,9 @@ def run_arm(
 class _Run:
     def __init__(self, pt: PreparedTask, arm: Arm, cfg: DemoConfig, seed: int, warm_state, observe: bool):
         self.pt, self.arm, self.cfg, self.seed = pt, arm, cfg, seed
-        self.model = build_model(cfg.model, pt.tokenizer, seed)
-        self.model.load_state_dict(warm_state)
+        self.model = pt.policy.build_model(pt, cfg, seed)
+        if warm_state is not None:
+            self.model.load_state_dict(warm_state)
         self.model.train()
         self.inner = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
         # observed: the paper's rule evaluated without acting on it (GateConfig(action="watch"): never skips or
@@ -247,7 +223,7 @@ class _Run:
             self.model.train()
         self.history.append(BatchRecord(it, self.counts.rollouts, self.wall, self._expected(), greedy=greedy, **kw))
 
-    def train(self, on_iter: Callable[[], None] | None) -> RunResult:
+    def train(self, on_iter: Callable[[BatchRecord], None] | None) -> RunResult:
         cfg = self.cfg
         self._record(0)
         for it in range(1, cfg.iters + 1):
@@ -265,7 +241,7 @@ class _Run:
             self.wall += time.perf_counter() - t0 - t_obs
             self._record(it, reward=float(ro.rewards.mean()), passes=passes, steps=steps)
             if on_iter is not None:
-                on_iter()
+                on_iter(self.history[-1])
         c = self.counts
         c.steps_applied = _applied_steps(self.inner)
         c.gated_steps, c.trips = self.strategy.counts()
@@ -274,6 +250,7 @@ class _Run:
             task=self.pt.task.name, lr=cfg.lr, arm=self.arm.name, arm_description=self.arm.describe(),
             seed=self.seed, exact=g.exact, history=self.history, counts=c,
             weight_change=self.dwd.weight_change(), steps=self.oracle.steps if self.oracle else [],
+            policy=self.pt.policy.name, tied_lm_head=self.dwd.tied,
         )
 
     def _batch(self, it: int, ro: Rollouts) -> tuple[int, int, float]:
@@ -292,8 +269,8 @@ class _Run:
             perm = torch.randperm(n, generator=shuffle)
             for i in range(0, n, mb):
                 idx = perm[i : i + mb]
-                logp = completion_logprobs(model, ro.prompt_ids[idx], ro.prompt_mask[idx], ro.comp_ids[idx],
-                                           ro.comp_mask[idx])
+                logp = self.pt.codec.logprobs(model, ro.prompt_ids[idx], ro.prompt_mask[idx], ro.comp_ids[idx],
+                                              ro.comp_mask[idx])
                 loss, st = ppo_clip_loss(logp, ro.old_logp[idx], ro.advantages[idx], ro.comp_mask[idx],
                                          cfg.clip_eps)
                 if not strat.allow(k, st):
