@@ -27,10 +27,25 @@ import torch
 from .config import GateConfig, is_int
 from .gate.state import GateState
 
-__all__ = ["STATE_KEY", "FORMAT", "gate_entry", "parse_gate_entry", "get_state_dict", "set_state_dict"]
+__all__ = ["STATE_KEY", "FORMAT", "WindowMismatch", "gate_entry", "parse_gate_entry", "get_state_dict",
+           "set_state_dict"]
 
 STATE_KEY = "dgg"
 FORMAT = 1
+
+
+class WindowMismatch(ValueError):
+    """The checkpoint's gate state was written with another ``GateConfig.window`` than this optimizer's (``saved``,
+    ``current``): its window cannot be loaded. The message says the two ways out."""
+
+    def __init__(self, saved: int, current: int) -> None:
+        self.saved, self.current = saved, current
+        super().__init__(
+            f"checkpoint gate window is {saved}, this optimizer's is {current}: build the optimizer with "
+            f"GateConfig(window={saved}) to resume the gate, or start the gate fresh by loading the state dict "
+            f"without its '{STATE_KEY}' entry (opt.load_state_dict({{k: v for k, v in sd.items() if k != "
+            f"'{STATE_KEY}'}}): the inner optimizer resumes, the gate warms up again)"
+        )
 
 
 def gate_entry(config: GateConfig, reuse_index: int, gate: GateState) -> dict[str, Any]:
@@ -50,7 +65,7 @@ def parse_gate_entry(entry: Any, config: GateConfig, device: torch.device) -> tu
     if not isinstance(saved, dict) or not is_int(saved.get("window")):
         raise ValueError(f"state_dict['{STATE_KEY}']['config'] is not a GateConfig dict with a window")
     if saved["window"] != config.window:
-        raise ValueError(f"checkpoint gate window is {saved['window']}, this optimizer's is {config.window}")
+        raise WindowMismatch(saved["window"], config.window)
     # the saved settings are only compared (a checkpoint written before a GateConfig check was added still loads)
     mine = config.to_dict()
     if any(saved.get(k, v) != v for k, v in mine.items()) or set(saved) - set(mine):

@@ -1,15 +1,25 @@
 """The lm_head (output projection) of a model: finding it, telling whether it is tied to the input embedding, and
-the one normaliser of an ``lm_head=`` argument (:func:`params_of`)."""
+the one normaliser of an ``lm_head=`` argument (:func:`params_of`).
+
+**The tied-head warning** is issued here and nowhere else (:func:`report_tied`), once per weight, whichever entry
+point met the tie: :func:`find_lm_head` and the integrations see the model and check statically (:func:`is_tied`);
+``GatedOptimizer(..., lm_head=model.lm_head)`` sees only the head module, so it arms :func:`watch_tied`, which tells
+at the head's first forward with autograd on whether its weight also feeds the hidden states it projects.
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+import weakref
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["find_lm_head", "is_tied", "params_of", "TiedLmHeadWarning"]
+from .callsite import user_site, user_stacklevel
+
+__all__ = ["find_lm_head", "is_tied", "params_of", "TiedLmHeadWarning", "check_tied", "report_tied", "accept_tied",
+           "watch_tied"]
 
 _FALLBACK_NAMES = ("lm_head", "embed_out", "output", "output_layer", "head")
 
@@ -37,7 +47,93 @@ def is_tied(model: nn.Module, lm_head: nn.Module | torch.Tensor) -> bool:
     return w_out is not None and w_in is not None and w_out is w_in
 
 
-def find_lm_head(model: nn.Module, *, warn_tied: bool = True) -> nn.Module:
+# The tied weights already reported or accepted: id -> weakref (a Tensor's == is elementwise, so no WeakSet).
+_SETTLED: dict[int, weakref.ref] = {}
+
+
+def _settled(weight: torch.Tensor) -> bool:
+    ref = _SETTLED.get(id(weight))
+    return ref is not None and ref() is weight
+
+
+def accept_tied(weight: torch.Tensor) -> None:
+    """Mark a tied ``weight`` as accepted: no :class:`TiedLmHeadWarning` about it from any entry point."""
+    key = id(weight)
+    _SETTLED[key] = weakref.ref(weight, lambda _, key=key: _SETTLED.pop(key, None))
+
+
+def report_tied(weight: torch.Tensor, owner: str, *, site: tuple[str, int, str] | None = None) -> None:
+    """The one :class:`TiedLmHeadWarning`: ``owner``'s lm_head ``weight`` is tied to the input embedding. Issued once
+    per weight (later calls about the same weight, and calls after :func:`accept_tied`, say nothing), pointing at the
+    user's line (``site``: ``(filename, lineno, module)`` of a call made earlier, for a warning raised later)."""
+    if _settled(weight):
+        return
+    accept_tied(weight)
+    msg = (
+        f"{owner}: the lm_head weight is tied to the input embedding, so the gate sees the energy of the shared "
+        "matrix's gradient (the output projection's plus the embedding rows of the batch's tokens), not the pure "
+        "lm_head energy of the paper (see dgg_fused.find_lm_head). Once you accept that: find_lm_head(..., "
+        "warn_tied=False), DGGGRPOTrainer(..., warn_tied=False) (--dgg_warn_tied false), or "
+        "warnings.filterwarnings('ignore', category=dgg_fused.TiedLmHeadWarning)."
+    )
+    if site is None:
+        warnings.warn(msg, TiedLmHeadWarning, stacklevel=user_stacklevel())
+    else:
+        filename, lineno, module = site
+        warnings.warn_explicit(msg, TiedLmHeadWarning, filename, lineno, module)
+
+
+class _TiedProbe:
+    """Forward pre-hook on an lm_head module (:func:`watch_tied`): at the first forward with autograd on, reports a
+    head weight that also feeds the head's input, then removes itself. Pickles as an inert probe."""
+
+    def __init__(self, params: list[torch.Tensor], owner: str, site: tuple[str, int, str]) -> None:
+        self.weights = [weakref.ref(p) for p in params]
+        self.owner, self.site, self.handle = owner, site, None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling() or self.handle is None or not torch.is_grad_enabled():
+            return None  # (a compiled forward: nothing to trace here; the next eager forward with autograd tells)
+        targets = {id(w): w for w in (r() for r in self.weights) if w is not None and not _settled(w)}
+        self.handle.remove()
+        self.handle = None
+        tied = _feeding(args, targets) if targets else None
+        if tied is not None:
+            report_tied(tied, self.owner, site=self.site)
+        return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"weights": [], "owner": self.owner, "site": self.site, "handle": None}
+
+
+def _feeding(inputs: tuple, targets: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """The tensor of ``targets`` that is a leaf of the autograd graph behind ``inputs``, or None."""
+    stack = [t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it accumulates into
+        if var is not None and targets.get(id(var)) is var:
+            return var
+        stack.extend(fn for fn, _ in node.next_functions)
+    return None
+
+
+def watch_tied(head: nn.Module, params: list[torch.Tensor], owner: str = "GatedOptimizer(lm_head=...)") -> None:
+    """Report (:func:`report_tied`) at ``head``'s first forward with autograd on whether one of ``params`` (its
+    weights) also feeds the hidden states it projects: tied to the input embedding, when only the head module is
+    known, not the model. The warning points at the line that called this (outside this package). Costs one walk
+    of that forward's autograd graph, once; nothing when every weight is already reported or accepted."""
+    if all(_settled(p) for p in params):
+        return
+    probe = _TiedProbe(params, owner, user_site())
+    probe.handle = head.register_forward_pre_hook(probe)
+
+
+def find_lm_head(model: nn.Module, *, warn_tied: bool | None = True) -> nn.Module:
     """Return the output projection of ``model``.
 
     Uses Hugging Face's ``get_output_embeddings()`` when the model has it, else the first of the attributes
@@ -48,7 +144,8 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool = True) -> nn.Module:
     Gemma), a :class:`TiedLmHeadWarning` says so: the gate then sees the energy of the *shared* matrix's gradient,
     i.e. the output-projection gradient plus the input-embedding gradient (non-zero only on rows of tokens present
     in the batch). Both grow when the policy shifts, but the statistic is no longer the pure lm_head energy the
-    paper analyses; pass ``warn_tied=False`` once you have accepted that.
+    paper analyses; pass ``warn_tied=False`` once you have accepted that (no entry point warns about this weight
+    then: :func:`accept_tied`). ``warn_tied=None`` leaves the tie alone (neither warns nor accepts it).
 
     Raises:
         ValueError: no output projection could be found (pass ``lm_head=`` explicitly then).
@@ -86,15 +183,23 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool = True) -> nn.Module:
             f"could not find the output projection of {type(model).__name__}: it has no get_output_embeddings() "
             f"result{found}; pass lm_head= explicitly"
         )
-    if warn_tied and is_tied(model, head):
-        warnings.warn(
-            f"{type(model).__name__}'s lm_head weight is tied to its input embedding: the gate will see the energy "
-            "of the shared matrix's gradient (output projection + input embedding rows of the batch's tokens). "
-            "See dgg_fused.find_lm_head's docstring.",
-            TiedLmHeadWarning,
-            stacklevel=2,
-        )
+    if warn_tied is not None:
+        check_tied(model, head, warn=warn_tied)
     return head
+
+
+def check_tied(model: nn.Module, head: nn.Module | Iterable[torch.Tensor], *, warn: bool = True) -> None:
+    """When ``head`` (the output projection, or the parameters the gate watches) holds ``model``'s input embedding
+    weight: :func:`report_tied` (``warn``) or :func:`accept_tied`."""
+    emb = _input_embedding(model)
+    w_in = getattr(emb, "weight", None) if emb is not None else None
+    weights = [getattr(head, "weight", None)] if isinstance(head, nn.Module) else list(head)
+    if w_in is None or not any(w is w_in for w in weights):
+        return
+    if warn:
+        report_tied(w_in, type(model).__name__)
+    else:
+        accept_tied(w_in)
 
 
 def params_of(lm_head: nn.Module | torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -31,7 +31,7 @@ from . import checkpoint
 from .config import DRIFT_STATS, GateConfig, is_int, is_real
 from .energy import Energy, EnergyMeter
 from .gate import GateState, gate_step_
-from .lm_head import params_of
+from .lm_head import params_of, watch_tied
 from .plan import SKIP_MODES, Plan, check_clip_backend, make_plan
 from .skip import HOST_PATH_WARNING, StepDecision, apply_, decide, fused_sgd_unprimed
 
@@ -205,6 +205,8 @@ class GatedOptimizer(torch.optim.Optimizer):
                 )
             else:
                 self._meter.attach_hook()
+        if config.energy and isinstance(lm_head, nn.Module):
+            watch_tied(lm_head, params)  # the model is unknown here: a tie is told at the head's first forward
 
     # ------------------------------------------------------------------ delegation (the wrapper contract)
     @property
@@ -634,28 +636,27 @@ class GatedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ metrics
     @property
     def metrics(self) -> dict[str, torch.Tensor]:
-        """Gate metrics of the last step as 0-d device tensors (views of live state: clone to keep them).
+        """Gate metrics of the last step as 0-d device tensors (views of live state: clone to keep them), only the
+        ones the configured rule reads.
 
-        Keys: ``energy`` (lm_head gradient energy), ``statistic`` (the Z-score compared with tau), ``gated``
-        (1.0 if the rule tripped on this step; with ``action="watch"``: fired, nothing done), ``skipped`` (1.0 if
-        this step was dropped: tripped, or on a stopped batch), ``steps``, ``gated_steps`` (dropped steps),
-        ``stopped_batches`` (trips; with ``action="watch"`` the steps on which the rule fired), ``reuse_index``,
-        ``drift`` and ``drift_statistic`` (with ``config.drift`` set only: the watched drift statistic's value, and
-        what its rule compared — the value itself, or its Z-score; for ``drift="energy_decay"`` the decay the gate
-        computed), ``window_filled`` (reference observations the rule's window holds; the gate can trip only once it
-        reaches ``config.window`` — the warm-up made visible), ``scale`` (``action="scale"`` only: the learning-rate
-        factor of the last step: 1.0 unscaled, in [0, 1) scaled, 0.0 dropped for a non-finite statistic).
+        Always: ``gated`` (1.0 if the rule tripped on this step; with ``action="watch"``: fired, nothing done),
+        ``skipped`` (1.0 if this step was dropped: tripped, or on a stopped batch), ``steps``, ``gated_steps``
+        (dropped steps), ``stopped_batches`` (trips; with ``action="watch"`` the steps on which the rule fired),
+        ``reuse_index``. The energy rule (``config.energy``): ``energy`` (lm_head gradient energy), ``statistic``
+        (the Z-score compared with tau), ``window_filled`` (reference observations its window holds; it can trip
+        only once that reaches ``config.window``: the warm-up made visible). A drift statistic (``config.drift``):
+        ``drift`` and ``drift_statistic`` (its value, and what its rule compared: the value itself, or its Z-score),
+        with ``drift_rule="zscore"`` also ``drift_window_filled`` (its own window's observations); for
+        ``drift="energy_decay"`` the decay the gate computed, and ``energy`` (what it was computed from). Both rules:
+        ``energy_trips`` and ``drift_trips``, the trips on which each rule fired (with ``combine="any"`` one trip can
+        count in both). ``action="scale"``: ``scale``, the learning-rate factor of the last step (1.0 unscaled, in
+        [0, 1) scaled, 0.0 dropped for a non-finite statistic).
         """
-        out = self._gate.metrics(drift=self.config.drift is not None, scale=self.config.action == "scale")
-        out["window_filled"] = self._gate.window_filled(self.config)
-        return out
+        return self._gate.metrics(self.config)
 
     def get_metrics(self) -> dict[str, float | int]:
         """:attr:`metrics` as Python numbers for a logger. This is the one call that syncs: do it when logging."""
-        return self._gate.metrics_host(
-            drift=self.config.drift is not None, window_filled=self._gate.window_filled(self.config),
-            scale=self.config.action == "scale",
-        )
+        return self._gate.metrics_host(self.config)
 
     # ------------------------------------------------------------------ checkpoints (format: dgg_fused.checkpoint)
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

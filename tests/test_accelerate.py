@@ -148,4 +148,4 @@ def test_metrics_callback_reads_the_device_once_per_log_call():
     with record_syncs() as rec:
         cb.on_log(None, SimpleNamespace(log_history=[], global_step=1), None, logs=logs, optimizer=opt)
     assert rec.events == one.events, rec.events  # exactly one get_metrics() worth of host reads
-    assert logs["dgg/window_fill"] == 0.25 and logs["dgg/steps"] == 1
+    assert logs["dgg/window_filled"] == 1 and logs["dgg/steps"] == 1 and "dgg/window_fill" not in logs

@@ -3,11 +3,13 @@ checkpoint raises and changes nothing (shapes, dtypes and values of the gate sta
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
 import torch
 
+from dgg_fused.checkpoint import WindowMismatch
 from dgg_fused.testing import internals
 from helpers import assert_bit_identical, batch, loss_fn, make_model, snapshot
 from test_optimizer import TRIP, fill_window, gated, quiet_host_path, train_step  # noqa: F401
@@ -68,6 +70,24 @@ def test_load_state_dict_rejects_bad_gate_state_and_changes_nothing():
     assert_bit_identical(before[0], after[0])
     for k in before[1]:
         torch.testing.assert_close(before[1][k], after[1][k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_changed_window_says_how_to_resume_or_start_the_gate_fresh():
+    """Issue 18, edge 6: the error names both ways out, and both work."""
+    model = make_model()
+    opt = gated("adamw_fused", model, TRIP)  # window 3
+    fill_window(model, opt)
+    sd = opt.state_dict()
+    other = gated("adamw_fused", model, dataclasses.replace(TRIP, window=8))
+    with pytest.raises(WindowMismatch, match=r"window is 3, this optimizer's is 8: build the optimizer with "
+                                             r"GateConfig\(window=3\).*without its 'dgg' entry") as err:
+        other.load_state_dict(sd)
+    assert isinstance(err.value, ValueError) and (err.value.saved, err.value.current) == (3, 8)
+    other.load_state_dict({k: v for k, v in sd.items() if k != "dgg"})  # fresh gate, inner state resumed
+    assert other.get_metrics()["steps"] == 0 and other.state_dict()["state"].keys() == sd["state"].keys()
+    same = gated("adamw_fused", model, TRIP)
+    same.load_state_dict(sd)
+    assert same.get_metrics() == opt.get_metrics()
 
 
 def _assert_unchanged(opt, model, before):

@@ -214,6 +214,31 @@ def sc_fsdp2_gate(rank: int, tmp: str) -> dict:
     return {"records": recs, "exact": exact, "path_found_inf": opt.plan.skip_path == "found_inf", "syncs": syncs, "tripped": tripped}
 
 
+def _drift_chunks(rank: int) -> list:
+    """Each rank's micro-batches of one step: rank 1 holds the step's largest log ratio (ESS rescaling across
+    ranks) and an empty micro-batch."""
+    g = torch.Generator().manual_seed(100 + rank)
+    shapes = [(5, 3), (0,), (4,)] if rank else [(7,), (2, 2)]
+    out = []
+    for i, shape in enumerate(shapes):
+        new = torch.randn(shape, generator=g) * 3.0 + (40.0 if rank and i == 2 else 0.0)
+        old = torch.randn(shape, generator=g) * 0.1
+        out.append((new, old, torch.rand(shape, generator=g) > 0.3))
+    return out
+
+
+def sc_drift_accumulator(rank: int, tmp: str) -> dict:
+    from dgg_fused.integrations import DriftAccumulator
+
+    acc = DriftAccumulator()
+    for new, old, mask in _drift_chunks(rank):
+        acc.add(new, old, mask)
+    opt = GatedOptimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), lm_head=None,
+                         config=GateConfig(energy=False, drift="ess", drift_threshold=0.5))
+    acc.record(opt)
+    return {k: v.item() for k, v in opt._pending_drift.items()}
+
+
 def sc_ddp(rank: int, tmp: str) -> dict:
     """DDP: the gradients are all-reduced by DDP, the local energy is already global (no group needed)."""
     model = nn.parallel.DistributedDataParallel(make())
@@ -307,6 +332,7 @@ SCENARIOS = {
     "vocab_parallel": sc_vocab_parallel,
     "fsdp2_gate": sc_fsdp2_gate,
     "ddp": sc_ddp,
+    "drift_accumulator": sc_drift_accumulator,
     "fsdp2_checkpoint": sc_fsdp2_checkpoint,
     "fsdp2_dcp": sc_fsdp2_dcp,
 }
@@ -416,6 +442,23 @@ def test_fsdp2_all_ranks_agree_and_gated_steps_are_exact(results):
     for r in rs:
         assert r["syncs"] == [] and r["tripped"] == 1.0  # no host sync in step(), gated step included
     _check_decisions(rs)
+
+
+def test_drift_accumulator_reduces_over_ranks(results):
+    """Every rank records drift_stats of all ranks' tokens (float64 reference on the concatenation)."""
+    import math
+
+    import numpy as np
+
+    chunks = [c for r in range(WORLD) for c in _drift_chunks(r)]
+    lr = torch.cat([(n.double() - o.double())[m] for n, o, m in chunks]).numpy()
+    w = np.exp(lr - lr.max())
+    ref = {"ess": w.sum() ** 2 / (lr.size * (w * w).sum()), "log_ratio_m2": float(np.mean(lr * lr)),
+           "ratio_max": float(np.abs(lr).max()), "clip_frac": float(np.mean(np.abs(np.expm1(lr)) > 0.2))}
+    rs = get(results, "drift_accumulator")
+    assert rs[0] == rs[1]  # every rank decides alike
+    for k, v in ref.items():
+        assert math.isclose(rs[0][k], v, rel_tol=1e-5), (k, rs[0][k], v)
 
 
 def test_ddp_needs_nothing(results):

@@ -108,6 +108,57 @@ def test_ess_is_stable_for_huge_log_ratios(big):
     assert drift_stats(torch.full((7,), big), torch.zeros(7))["ess"].item() == 1.0  # a common shift is no drift
 
 
+def _gated_for_drift():
+    model = torch.nn.Linear(2, 2)
+    return GatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                          lm_head=None, config=GateConfig(energy=False, drift="approx_kl", drift_threshold=1.0))
+
+
+@pytest.mark.parametrize("chunks", [
+    [(6,)],  # one micro-batch: exactly drift_stats
+    [(3, 4), (5,), (2, 3)],  # uneven micro-batches
+    [(4,), (0,), (3,)],  # an empty micro-batch counts nothing
+])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 80.0])  # 80: the ESS sums of different micro-batches must be rescaled
+def test_drift_accumulator_equals_drift_stats_of_the_whole_step(chunks, scale):
+    """DriftAccumulator over a step's micro-batches gives drift_stats of their concatenation (every statistic,
+    float64 reference), masks and all; a micro-batch with the step's largest log ratio arriving late exercises the
+    ESS rescaling."""
+    from dgg_fused.integrations import DriftAccumulator
+
+    g = torch.Generator().manual_seed(len(chunks) * 7 + int(scale))
+    acc, news, olds, masks = DriftAccumulator(), [], [], []
+    for i, shape in enumerate(chunks):
+        new = torch.randn(shape, generator=g, dtype=torch.float64) * scale + (scale if i == len(chunks) - 1 else 0.0)
+        old = torch.randn(shape, generator=g, dtype=torch.float64) * 0.1
+        mask = torch.rand(shape, generator=g) > 0.25
+        acc.add(new.float(), old.float(), mask)
+        news.append(new.float().double().flatten()), olds.append(old.float().double().flatten())
+        masks.append(mask.flatten())
+    opt = _gated_for_drift()
+    acc.record(opt)
+    assert acc.empty
+    ref = _stats_ref(torch.cat(news), torch.cat(olds), torch.cat(masks), 0.2)
+    got = {k: v.item() for k, v in opt._pending_drift.items()}
+    assert set(got) == set(DRIFT_STATS)
+    for k in DRIFT_STATS:
+        if math.isfinite(ref[k]) and abs(ref[k]) < 1e30:
+            assert math.isclose(got[k], ref[k], rel_tol=2e-5, abs_tol=1e-6), (k, got[k], ref[k])
+        else:  # exp(80)-sized approx_kl / tv: float32 overflows where float64 does not; only their size is checked
+            assert got[k] > 1e30, (k, got[k])
+
+
+def test_drift_accumulator_needs_a_micro_batch_and_checks_input():
+    from dgg_fused.integrations import DriftAccumulator
+
+    acc = DriftAccumulator()
+    with pytest.raises(RuntimeError, match="no micro-batch"):
+        acc.record(_gated_for_drift())
+    with pytest.raises(ValueError, match="shapes differ"):
+        acc.add(torch.zeros(3), torch.zeros(4), None)
+    assert acc.empty  # a rejected micro-batch leaves the step's sums untouched
+
+
 def test_nonfinite_log_ratios_make_the_signals_nonfinite():
     s = drift_stats(torch.tensor([float("nan"), -1.0]), torch.tensor([-1.0, -1.0]))
     assert all(math.isnan(s[k].item()) for k in ("ess", "log_ratio_m2", "tv"))
@@ -397,3 +448,55 @@ def test_named_presets():
     assert GateConfig.recommended(drift_threshold=0.05, max_reuse=8).drift_threshold == 0.05
     with pytest.raises(ValueError, match="drift_threshold"):
         GateConfig.recommended(drift_threshold=-1.0)
+
+
+# ---------------------------------------------------------------- which rule fired, and only the rule's metrics
+def test_per_rule_trip_counts_when_energy_and_drift_combine():
+    """Issue 18, edge 4: with both rules on, the metrics say which one fired (energy_trips, drift_trips)."""
+    cfg = GateConfig(window=2, tau=3.0, std_floor=0.5, drift="approx_kl", drift_threshold=0.05)
+    model = make_model()
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), lm_head=model.lm_head,
+                         config=cfg)
+    seen = []
+    # two batches fill the energy window; then a reuse pass with a large KL (drift fires), then one with an
+    # energy spike x1e3 and a small KL (energy fires), then both at once
+    for b, (scale, kl) in enumerate([(1.0, 0.0), (1.0, 0.0), (1.0, 0.5), (1e3, 0.0), (1e3, 0.5)]):
+        for k in (1, 2):
+            opt.set_reuse_index(k)
+            loss_fn(model, batch(b), scale=scale if k == 2 else 1.0).backward()
+            opt.record_drift(approx_kl=torch.tensor(kl if k == 2 else 0.0))
+            opt.step()
+            opt.zero_grad()
+            m = opt.get_metrics()
+            seen.append((m["gated"], m["energy_trips"], m["drift_trips"]))
+    assert [s for s in seen if s[0]] == [(1.0, 0, 1), (1.0, 1, 1), (1.0, 2, 2)]
+    assert opt.get_metrics()["stopped_batches"] == 3
+    # the counts ride in the checkpoint, and an impossible count is refused
+    sd = opt.state_dict()
+    assert sd["dgg"]["gate"]["rule_trips"].tolist() == [2, 2]
+    bad = {**sd, "dgg": {**sd["dgg"], "gate": {**sd["dgg"]["gate"], "rule_trips": torch.tensor([4, 0])}}}
+    with pytest.raises(ValueError, match="rule_trips"):
+        opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("cfg,keys", [
+    (GateConfig(), {"energy", "statistic", "window_filled"}),
+    (GateConfig.recommended(), {"drift", "drift_statistic"}),
+    (GateConfig(energy=False, drift="clip_frac", drift_rule="zscore"), {"drift", "drift_statistic",
+                                                                        "drift_window_filled"}),
+    (GateConfig(drift="approx_kl"), {"energy", "statistic", "window_filled", "drift", "drift_statistic",
+                                     "energy_trips", "drift_trips"}),
+])
+def test_metrics_are_the_rules_own(cfg, keys):
+    """Issue 18, edge 3: a drift-only gate reports no NaN energy / statistic and no window it does not have."""
+    common = {"gated", "skipped", "steps", "gated_steps", "stopped_batches", "reuse_index"}
+    model = make_model()
+    opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True),
+                         lm_head=model.lm_head if cfg.energy else None, config=cfg)
+    opt.set_reuse_index(1)
+    loss_fn(model, batch(0)).backward()
+    opt.record_drift(**drift_stats(torch.zeros(3), torch.zeros(3)))
+    opt.step()
+    m = opt.get_metrics()
+    assert m.keys() == opt.metrics.keys() == common | keys
+    assert not any(isinstance(v, float) and math.isnan(v) for v in m.values()), m

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -125,3 +126,66 @@ def test_heads_with_a_bias_a_norm_or_a_wrapper_are_accepted():
     wrapper.output = nn.Linear(4, 9)  # a wrapper around the projection alone
     opt = torch.optim.AdamW(wrapper.parameters(), fused=True)
     assert len(GatedOptimizer(opt, lm_head=wrapper).lm_head_params) == 2
+
+
+# ---------------------------------------------------------------- the tied-head warning: one, from every entry point
+def _one_liner_steps(model, opt, n=3):
+    for k in range(1, n + 1):
+        opt.set_reuse_index(k)
+        ids = torch.arange(8).reshape(1, 8)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_readme_one_liner_warns_once_on_a_tied_head_pointing_at_the_construction():
+    """Issue 18, edge 9: GatedOptimizer(..., lm_head=model.lm_head) on a tied model said nothing."""
+    model = _llama(tie=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head)
+        with torch.no_grad():
+            model(input_ids=torch.arange(4).reshape(1, 4))  # a forward without autograd decides nothing
+        assert not [w for w in rec if w.category is TiedLmHeadWarning]
+        _one_liner_steps(model, opt)
+        GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head)  # same weight
+        _one_liner_steps(model, opt)
+    tied = [w for w in rec if w.category is TiedLmHeadWarning]
+    assert len(tied) == 1, [str(w.message) for w in tied]  # once, not per step, not per optimizer
+    assert (tied[0].filename, tied[0].lineno) == (__file__, line)
+    assert "tied to the input embedding" in str(tied[0].message)
+
+
+def test_untied_and_accepted_heads_stay_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TiedLmHeadWarning)
+        model = _llama(tie=False)
+        _one_liner_steps(model, GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True),
+                                               lm_head=model.lm_head))
+        model = _llama(tie=True)
+        head = find_lm_head(model, warn_tied=False)  # accepted: no entry point warns about this weight again
+        _one_liner_steps(model, GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=head))
+
+
+def test_find_lm_head_then_the_optimizer_warn_once():
+    model = _llama(tie=True)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        head = find_lm_head(model)
+        _one_liner_steps(model, GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=head))
+    tied = [w for w in rec if w.category is TiedLmHeadWarning]
+    assert len(tied) == 1 and tied[0].filename == __file__
+
+
+def test_a_pickled_model_carries_an_inert_probe():
+    import copy
+    import pickle
+
+    model = _llama(tie=True)
+    GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head)
+    clone = pickle.loads(pickle.dumps(model))
+    copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TiedLmHeadWarning)
+        clone(input_ids=torch.arange(4).reshape(1, 4)).logits.sum().backward()

@@ -541,13 +541,14 @@ def test_step_hooks_run_once_per_step_and_torch_never_wraps_the_step_again():
 
 
 # ---------------------------------------------------------------- the warm-up made visible
-@pytest.mark.parametrize("config,expect", [
-    (GateConfig(window=3), [1, 1, 2, 3, 3]),  # first-pass energies only: k=2 steps don't count
-    (GateConfig(window=3, statistic="both"), [0, 0, 1, 2, 2]),  # the increment row starts one step later
-    (GateConfig(window=3, energy=False, drift="approx_kl"), [3, 3, 3, 3, 3]),  # a threshold needs no window
-    (GateConfig(window=3, energy=False, drift="approx_kl", drift_rule="zscore"), [1, 1, 2, 3, 3]),
+@pytest.mark.parametrize("config,key,expect", [
+    (GateConfig(window=3), "window_filled", [1, 1, 2, 3, 3]),  # first-pass energies only: k=2 steps don't count
+    (GateConfig(window=3, statistic="both"), "window_filled", [0, 0, 1, 2, 2]),  # the increment row: a step later
+    (GateConfig(window=3, energy=False, drift="approx_kl"), None, None),  # a threshold needs no window: no count
+    (GateConfig(window=3, energy=False, drift="approx_kl", drift_rule="zscore"), "drift_window_filled",
+     [1, 1, 2, 3, 3]),
 ])
-def test_window_filled_metric_counts_the_rules_window(config, expect):
+def test_window_filled_metric_counts_the_rules_window(config, key, expect):
     model = make_model()
     opt = GatedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), lm_head=model.lm_head, config=config)
     got = []
@@ -557,9 +558,13 @@ def test_window_filled_metric_counts_the_rules_window(config, expect):
         opt.record_drift(approx_kl=torch.tensor(0.01 * (1 + len(got))))
         opt.step()
         opt.zero_grad()
-        assert opt.metrics["window_filled"].item() == opt.get_metrics()["window_filled"]
-        got.append(opt.get_metrics()["window_filled"])
-    assert got == expect
+        m = opt.get_metrics()
+        assert m.keys() == opt.metrics.keys()
+        assert {"window_filled", "drift_window_filled"} & m.keys() == ({key} if key else set())
+        if key:
+            assert opt.metrics[key].item() == m[key]
+            got.append(m[key])
+    assert got == (expect or [])
 
 
 def test_decide_is_the_gates_half_of_step():

@@ -5,6 +5,8 @@ pre-clip energy, the scheduled LR reaching the inner optimizer, and the gate met
 from __future__ import annotations
 
 import os
+import re
+import sys
 import warnings
 
 import pytest
@@ -262,11 +264,19 @@ def test_num_iterations_one_raises(tmp_path):
 def test_warmup_is_visible(tmp_path):
     # defect 4: window=4 first-pass observations = 4 rollout batches of K=4 steps: the gate can act from step 13
     gate = GateConfig(window=4, tau=1e30, max_reuse=K)
-    with pytest.warns(UserWarning, match=r"can act only from optimizer step 13 .* max_steps=6"):
-        trainer = make_trainer(tmp_path, make_args(tmp_path, max_steps=6), dgg_config=gate)
+    trainer = make_trainer(tmp_path, make_args(tmp_path, max_steps=6), dgg_config=gate)
+    with pytest.warns(UserWarning, match=r"can act only from optimizer step 13 .* max_steps=6") as rec:
+        line = sys._getframe().f_lineno + 1
         trainer.train()
-    fills = [h["dgg/window_fill"] for h in trainer.state.log_history if "loss" in h]
-    assert fills == [0.25, 0.25, 0.25, 0.25, 0.5, 0.5]  # one first-pass observation per rollout batch
+    # issue 18, edge 5: it points at the user's trainer.train(), not at transformers' callback handler, and says
+    # what would let the gate act
+    (w,) = [w for w in rec if "can act only" in str(w.message)]
+    assert (w.filename, w.lineno) == (__file__, line)
+    assert "--dgg_window 2 (GateConfig(window=2)), can act from step 5" in str(w.message)
+    assert "--max_steps 14 or more" in str(w.message) and "--dgg_preset recommended" in str(w.message)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["dgg/window_filled"] for h in logs] == [1, 1, 1, 1, 2, 2]  # one first-pass observation per batch
+    assert not any("dgg/window_fill" in h for h in logs)  # issue 18, edge 10: one name per meaning
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # long enough: no warm-up warning
         from dgg_fused.integrations.trl import _WarmupCheck
@@ -395,16 +405,17 @@ class DriftRecorder(TrainerCallback):
             new = t._get_per_token_logps_and_entropies(model, ids, att, inputs["completion_ids"].size(1))[0]
         ref = drift_stats(new, inputs["old_per_token_logps"], inputs["completion_mask"])
         self.rows.append({"step": state.global_step, "k": t.gated_optimizer.reuse_index,
-                          "ref_kl": float(ref["approx_kl"])})
+                          "ref": {k: float(v) for k, v in ref.items()}})
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
         m = unwrap_gated(optimizer).get_metrics()
         self.rows[-1].update(drift=m["drift"], gated=m["gated"], skipped=m["skipped"])
 
 
-def test_drift_signal_reaches_the_gate_and_stops_reuse(tmp_path):
-    # a pure KL early stop: the first reuse pass whose approx KL exceeds the threshold is dropped and ends reuse
-    gate = GateConfig(energy=False, drift="approx_kl", drift_threshold=1e-9, max_reuse=K)
+@pytest.mark.parametrize("stat", ["approx_kl", "log_ratio_m2"])
+def test_drift_signal_reaches_the_gate_and_stops_reuse(tmp_path, stat):
+    # a pure drift early stop: the first reuse pass whose statistic exceeds the threshold is dropped and ends reuse
+    gate = GateConfig(energy=False, drift=stat, drift_threshold=1e-9, max_reuse=K)
     rec = DriftRecorder()
     trainer = make_trainer(tmp_path, make_args(tmp_path, max_steps=6, max_grad_norm=1.0), dgg_config=gate,
                            callbacks=[rec])
@@ -414,8 +425,8 @@ def test_drift_signal_reaches_the_gate_and_stops_reuse(tmp_path):
     assert [r["k"] for r in rows] == [1, 2] * 3
     assert trainer.dgg_generations == [0, 2, 4]
     assert [r["gated"] for r in rows] == [0.0, 1.0] * 3
-    for r in rows:  # the gate saw the step's KL against the rollout policy TRL kept
-        assert r["drift"] == pytest.approx(r["ref_kl"], rel=1e-4, abs=1e-12), r
+    for r in rows:  # the gate saw the step's statistic against the rollout policy TRL kept
+        assert r["drift"] == pytest.approx(r["ref"][stat], rel=1e-4, abs=1e-12), r
         if r["k"] == 1:
             assert r["drift"] < 1e-9  # the policy has not moved since generation
         else:
@@ -434,3 +445,153 @@ def test_drift_settings_from_the_command_line(tmp_path):
                                          dgg_drift="approx_kl"), peft_config=_lora(target_modules=["q_proj"]))
     t.create_optimizer()
     assert t.gated_optimizer.lm_head_params == ()
+
+
+# ---------------------------------------------------------------- issue 18: the rough edges met on a real model
+
+
+def test_peft_frozen_head_advice_works_as_given(tmp_path):
+    """Edge 1: the frozen-head error advised LoRA on the lm_head, which TRL then refuses. Each advice it gives now
+    trains; the old one is still refused by TRL (so the error must not give it)."""
+    frozen = _lora(target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError) as err:
+        make_trainer(tmp_path, peft_config=frozen)
+    msg = str(err.value)
+    assert "target_modules" not in msg
+    assert "modules_to_save=['lm_head']" in msg and "GateConfig.recommended()" in msg
+    assert "--dgg_preset recommended" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = make_trainer(tmp_path, make_args(tmp_path, max_steps=2),
+                         peft_config=_lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+        a.train()
+        b = make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=2, dgg_preset="recommended"),
+                         peft_config=frozen)
+        b.train()
+    assert a.gated_optimizer.get_metrics()["energy"] > 0
+    assert b.dgg_config == GateConfig.recommended(max_reuse=K) and b.gated_optimizer.get_metrics()["steps"] == 2
+    with pytest.raises(Exception, match=r"lm_head"):  # what the old advice led to
+        make_trainer(tmp_path, peft_config=_lora(target_modules=["q_proj", "lm_head"]))
+
+
+def test_recommended_gate_with_dgggrpoconfig_and_the_preset_flag(tmp_path):
+    """Edge 2: dgg_config=GateConfig.recommended() with a DGGGRPOConfig raised, the dgg_* defaults counting as
+    settings. Only fields the user set conflict; --dgg_preset recommended is the one-flag way."""
+    from trl import TrlParser
+
+    t = make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=4), dgg_config=GateConfig.recommended())
+    assert t.dgg_config == GateConfig.recommended()
+    # fields set to what dgg_config says are fine; one set otherwise is the conflict, named
+    kl_args = dict(dgg_energy=False, dgg_drift="approx_kl")
+    make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=4, **kl_args),
+                 dgg_config=GateConfig.recommended())
+    with pytest.raises(ValueError, match=r"configured in 2 places with different settings "
+                                         r"\(dgg_config=: drift_threshold=0\.02; the "
+                                         r"DGGGRPOConfig's dgg_\* fields: drift_threshold=0\.05\)"):
+        make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=4, dgg_drift_threshold=0.05, **kl_args),
+                     dgg_config=GateConfig.recommended())
+    with pytest.raises(ValueError, match=r"configured in 2 places.*energy"):
+        make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=4, dgg_preset="paper"),
+                     dgg_config=GateConfig.recommended())
+    base = ["--output_dir", str(tmp_path), "--num_iterations", "4", "--use_cpu", "true", "--report_to", "none"]
+    (args,) = TrlParser((DGGGRPOConfig,)).parse_args_and_config(args=[*base, "--dgg_preset", "recommended"])
+    assert args.gate_config() == GateConfig.recommended(max_reuse=4)
+    (args,) = TrlParser((DGGGRPOConfig,)).parse_args_and_config(
+        args=[*base, "--dgg_preset", "recommended", "--dgg_drift_threshold", "0.05", "--dgg_window", "3"])
+    assert args.gate_config() == GateConfig.recommended(drift_threshold=0.05, window=3, max_reuse=4)
+    (args,) = TrlParser((DGGGRPOConfig,)).parse_args_and_config(args=[*base, "--dgg_preset", "paper"])
+    assert args.gate_config() == GateConfig.paper(max_reuse=4)
+    with pytest.raises(SystemExit):
+        TrlParser((DGGGRPOConfig,)).parse_args_and_config(args=[*base, "--dgg_preset", "bogus"])
+    with pytest.raises(ValueError, match=r"tau=0\.5 does nothing here"):  # the preset's own checks still apply
+        DGGGRPOConfig(output_dir=str(tmp_path), num_iterations=4, dgg_preset="recommended", dgg_tau=0.5,
+                      use_cpu=True, report_to=[])
+
+
+def test_drift_only_gate_logs_only_what_its_rule_uses(tmp_path):
+    """Edge 3: dgg/energy and dgg/statistic were NaN and dgg/window_fill 1.0 from step 1 for a drift-only gate."""
+    for gate, window_key in ((GateConfig.recommended(max_reuse=K), None),
+                             (GateConfig(energy=False, drift="approx_kl", drift_rule="zscore", window=2, tau=1e30,
+                                         max_reuse=K), "dgg/drift_window_filled")):
+        trainer = make_trainer(tmp_path, make_args(tmp_path, max_steps=5), dgg_config=gate)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        dgg = [{k: v for k, v in h.items() if k.startswith("dgg/")} for h in logs]
+        for d in dgg:
+            assert not {"dgg/energy", "dgg/statistic", "dgg/window_filled", "dgg/window_fill"} & d.keys(), d
+            assert all(v == v for v in d.values()), d  # no NaN
+            assert {"dgg/drift", "dgg/drift_statistic", "dgg/gated"} <= d.keys()
+        if window_key:  # the drift statistic's own window: first-pass observations only, one per batch
+            assert [d[window_key] for d in dgg] == [1, 1, 1, 1, 2]
+        else:
+            assert not any("window" in k for d in dgg for k in d)
+
+
+def test_which_rule_tripped_when_energy_and_drift_combine(tmp_path):
+    """Edge 4: with both rules on, the logs count the trips of each (dgg/energy_trips, dgg/drift_trips)."""
+    gate = GateConfig(window=2, tau=1e30, max_reuse=K, drift="approx_kl", drift_threshold=1e-9)
+    trainer = make_trainer(tmp_path, make_args(tmp_path, max_steps=6, max_grad_norm=1.0), dgg_config=gate)
+    trainer.train()
+    last = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert last["dgg/stopped_batches"] == 3 and last["dgg/drift_trips"] == 3 and last["dgg/energy_trips"] == 0
+
+
+def test_changing_the_window_on_resume_says_how_to_fix_it(tmp_path):
+    """Edge 6: a bare "checkpoint gate window is 2, this optimizer's is 8" from deep inside the Trainer."""
+    import torch as th
+
+    ckpt_args = dict(save_strategy="steps", save_steps=2, max_grad_norm=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=2, dgg_window=2, **ckpt_args)).train()
+        ckpt = tmp_path / "checkpoint-2"
+        t = make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=3, dgg_window=8, **ckpt_args))
+        with pytest.raises(ValueError, match=r"saved with window 2, this run's gate has window 8\. Resume it with "
+                                             r"--dgg_window 2.*start the gate fresh") as err:
+            t.train(resume_from_checkpoint=str(ckpt))
+        # the second way out, as the message writes it, works
+        path = re.search(r"torch\.load\('([^']+)'", str(err.value))[1]
+        sd = th.load(path, weights_only=True)
+        del sd["dgg"]
+        th.save(sd, path)
+        t = make_trainer(tmp_path, make_args(tmp_path, DGGGRPOConfig, max_steps=3, dgg_window=8, **ckpt_args))
+        t.train(resume_from_checkpoint=str(ckpt))
+    assert t.gated_optimizer.get_metrics()["steps"] == 1  # a fresh gate, one step after the resume
+
+
+def test_dgg_drift_none_switches_a_yaml_drift_gate_off(tmp_path):
+    """Edge 7: --dgg_drift none was rejected, so a drift gate set in YAML could not be switched off."""
+    from trl import TrlParser
+
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text(f"output_dir: {tmp_path}\nnum_iterations: 4\ndgg_drift: approx_kl\nuse_cpu: true\n"
+                         "report_to: none\n")
+    (args,) = TrlParser((DGGGRPOConfig,)).parse_args_and_config(args=["--config", str(yaml_file)])
+    assert args.gate_config().drift == "approx_kl"
+    (args,) = TrlParser((DGGGRPOConfig,)).parse_args_and_config(
+        args=["--config", str(yaml_file), "--dgg_drift", "none"])
+    assert args.dgg_drift is None and args.gate_config() == GateConfig(max_reuse=4)
+
+
+def test_lm_head_typo_message(tmp_path):
+    """Edge 8: "...LlamaForCausalLM / LlamaModel Or gate on policy drift alone...": no punctuation, and drift advice
+    for a typo."""
+    with pytest.raises(ValueError) as err:
+        make_trainer(tmp_path, lm_head="lm_haed")
+    assert str(err.value) == ("lm_head='lm_haed': no such submodule in LlamaForCausalLM or LlamaModel; its output "
+                              "projection is 'lm_head'")
+
+
+def test_tied_head_warns_once_for_the_trainer_and_a_users_optimizer(tmp_path):
+    """Edge 9: one warning, not per step, whether the trainer finds the head or the user's GatedOptimizer got
+    lm_head=model.lm_head (the README one-liner) through optimizers=."""
+    tok = make_tokenizer()
+    for own_optimizer in (False, True):
+        model = make_model(tok, tied=True)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            opts = (GatedOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, fused=True), lm_head=model.lm_head,
+                                   config=GateConfig(window=2, max_reuse=K)), None) if own_optimizer else (None, None)
+            make_trainer(tmp_path, make_args(tmp_path, max_steps=3), model=model, tok=tok, optimizers=opts).train()
+        tied = [w for w in rec if w.category is TiedLmHeadWarning]
+        assert len(tied) == 1 and tied[0].filename == __file__, (own_optimizer, [str(w.message) for w in tied])

@@ -125,10 +125,9 @@ def update_reference_(
             d_cond = (state.drift_filled >= w) & ((d_stat < -config.tau) if below else (d_stat > config.tau))
         if not config.energy:
             cond = d_cond
-        elif config.combine == "any":
-            cond = cond | d_cond
         else:
-            cond = cond & d_cond
+            e_cond = cond
+            cond = cond | d_cond if config.combine == "any" else cond & d_cond
 
     active = (k > 1) & observed
     trip = active & cond
@@ -161,6 +160,8 @@ def update_reference_(
             _push_(state.drift_window, d, enter_d)
             state.drift_filled.add_(enter_d.to(torch.int64)).clamp_(max=w)
         state.drift_last.copy_(torch.stack([d, d_stat]))
+        if config.energy:  # which rule fired on a trip (metrics: energy_trips, drift_trips)
+            state.rule_trips.add_(torch.stack([trip & e_cond, trip & d_cond]).to(torch.int64))
     state.stopped.copy_(skipped if action == Action.SKIP else torch.zeros_like(skipped))
     state.counters.add_(torch.stack([torch.ones_like(trip), skipped, trip]).to(torch.int64))
     skip = skipped.to(torch.float32)

@@ -40,6 +40,8 @@ class GateState:
             :meth:`set_reuse_index` ``(1)`` after a reuse pass (a new batch).
         scale: ``()`` float32, the learning-rate factor of the last step (``action="scale"`` only: 1 on a first pass
             or a harmless statistic, in [0, 1) when scaled, 0 when the step was dropped); 1 otherwise.
+        rule_trips: ``(2,)`` int64, with both rules on: the trips on which the energy rule / the drift rule fired
+            (with ``combine="any"`` a trip may count in both; each is at most the trips counter).
 
     The fused twins (C++/CUDA, Triton) read and write the energy part (``window`` .. ``skip``); a gate watching a
     drift statistic runs the reference rule.
@@ -59,9 +61,11 @@ class GateState:
     first_pass_energy: torch.Tensor
     first_pass_count: torch.Tensor
     scale: torch.Tensor
+    rule_trips: torch.Tensor
 
     #: Tensors added after the first checkpoint format; a checkpoint without them loads with fresh values.
-    OPTIONAL = ("drift_window", "drift_filled", "drift_last", "first_pass_energy", "first_pass_count", "scale")
+    OPTIONAL = ("drift_window", "drift_filled", "drift_last", "first_pass_energy", "first_pass_count", "scale",
+                "rule_trips")
 
     @classmethod
     def create(cls, window: int, device: torch.device | str) -> "GateState":
@@ -81,6 +85,7 @@ class GateState:
             first_pass_energy=torch.zeros((), dtype=torch.float64, device=dev),
             first_pass_count=torch.zeros((), dtype=torch.int64, device=dev),
             scale=torch.ones((), dtype=torch.float32, device=dev),
+            rule_trips=torch.zeros(2, dtype=torch.int64, device=dev),
         )
 
     @property
@@ -105,72 +110,45 @@ class GateState:
             self.first_pass_count.masked_fill_(new_batch, 0)
         self.reuse_index.fill_(k)
 
-    def window_filled(self, config: Any) -> torch.Tensor:
-        """0-d int64: how many reference observations the window(s) ``config``'s rule needs hold (it can trip only
-        at ``config.window``). The energy rule's row(s) (``"both"``: the emptier row), the drift Z-score's window;
-        with both rules on, the fuller one for ``combine="any"`` (either can act), the emptier for ``"all"``; a drift
-        threshold rule alone needs no window (always full)."""
-        fills = []
+    def metrics(self, config: Any) -> dict[str, torch.Tensor]:
+        """The metrics of ``config``'s rule as 0-d device tensors (views of live state). Always: ``gated``,
+        ``skipped``, ``steps``, ``gated_steps``, ``stopped_batches``, ``reuse_index``. The energy rule: ``energy``,
+        ``statistic`` and ``window_filled`` (its window's observations: the row(s) ``config.statistic`` uses,
+        ``"both"`` the emptier). A drift statistic: ``drift``, ``drift_statistic``, and with ``drift_rule="zscore"``
+        ``drift_window_filled`` (its own window's observations). Both rules: ``energy_trips`` and ``drift_trips``
+        (the trips on which each rule fired). ``drift="energy_decay"`` without the energy rule: ``energy`` (what the
+        decay was computed from). ``action="scale"``: ``scale`` (the last step's learning-rate factor). A key
+        appears only where the rule reads it: no NaN placeholders, no window count for a rule without a window."""
+        out: dict[str, torch.Tensor] = {}
         if config.energy:
             stat = config.statistic
-            fills.append(self.filled[0] if stat == "energy" else self.filled[1] if stat == "increment" else self.filled.min())
-        if config.drift is not None and config.drift_rule == "zscore":
-            fills.append(self.drift_filled)
-        if not fills:
-            return torch.full((), self.window_size, dtype=torch.int64, device=self.device)
-        if len(fills) == 1:
-            return fills[0].reshape(())
-        pick = torch.maximum if config.combine == "any" else torch.minimum
-        return pick(fills[0], fills[1]).reshape(())
-
-    def metrics(self, drift: bool = False, scale: bool = False) -> dict[str, torch.Tensor]:
-        """The gate's metrics as 0-d device tensors (views of live state); ``drift=True`` adds ``drift`` and
-        ``drift_statistic``, ``scale=True`` the learning-rate factor ``scale``."""
-        out = {
-            "energy": self.last[LAST_ENERGY],
-            "statistic": self.last[LAST_STATISTIC],
-            "gated": self.last[LAST_GATED],
-            "skipped": self.last[LAST_SKIPPED],
-            "steps": self.counters[CNT_STEPS],
-            "gated_steps": self.counters[CNT_GATED_STEPS],
-            "stopped_batches": self.counters[CNT_STOPPED_BATCHES],
-            "reuse_index": self.reuse_index,
-        }
-        if drift:
-            out["drift"] = self.drift_last[0]
-            out["drift_statistic"] = self.drift_last[1]
-        if scale:
-            out["scale"] = self.scale
-        return out
-
-    def metrics_host(self, drift: bool = False, window_filled: torch.Tensor | None = None,
-                     scale: bool = False) -> dict[str, float | int]:
-        """:meth:`metrics` as Python numbers: one device-to-host copy (a sync). ``window_filled`` (0-d, from
-        :meth:`window_filled`) is packed into the same copy and returned under that key."""
-        wf = (window_filled if window_filled is not None else torch.zeros((), device=self.device)).reshape(1)
-        packed = torch.cat(
-            [self.last.double(), self.counters.double(), self.reuse_index.reshape(1).double(), self.drift_last.double(),
-             wf.double(), self.scale.reshape(1).double()]
+            filled = self.filled[0] if stat == "energy" else self.filled[1] if stat == "increment" else self.filled.min()
+            out.update(energy=self.last[LAST_ENERGY], statistic=self.last[LAST_STATISTIC], window_filled=filled)
+        elif config.reads_energy:  # a drift statistic computed from the energy (energy_decay): the energy it used
+            out["energy"] = self.last[LAST_ENERGY]
+        if config.drift is not None:
+            out.update(drift=self.drift_last[0], drift_statistic=self.drift_last[1])
+            if config.drift_rule == "zscore":
+                out["drift_window_filled"] = self.drift_filled
+        out.update(
+            gated=self.last[LAST_GATED],
+            skipped=self.last[LAST_SKIPPED],
+            steps=self.counters[CNT_STEPS],
+            gated_steps=self.counters[CNT_GATED_STEPS],
+            stopped_batches=self.counters[CNT_STOPPED_BATCHES],
+            reuse_index=self.reuse_index,
         )
-        e, s, gated, skipped, steps, gsteps, sbatches, k, d, ds, wfill, sc = packed.cpu().tolist()
-        out = {
-            "energy": e,
-            "statistic": s,
-            "gated": gated,
-            "skipped": skipped,
-            "steps": int(steps),
-            "gated_steps": int(gsteps),
-            "stopped_batches": int(sbatches),
-            "reuse_index": int(k),
-        }
-        if drift:
-            out["drift"] = d
-            out["drift_statistic"] = ds
-        if window_filled is not None:
-            out["window_filled"] = int(wfill)
-        if scale:
-            out["scale"] = sc
+        if config.action == "scale":
+            out["scale"] = self.scale
+        if config.energy and config.drift is not None:
+            out.update(energy_trips=self.rule_trips[0], drift_trips=self.rule_trips[1])
         return out
+
+    def metrics_host(self, config: Any) -> dict[str, float | int]:
+        """:meth:`metrics` as Python numbers (counts as ``int``): one device-to-host copy (a sync)."""
+        m = self.metrics(config)
+        values = torch.stack([v.reshape(()).double() for v in m.values()]).cpu().tolist()
+        return {k: v if m[k].is_floating_point() else int(v) for k, v in zip(m, values)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of every tensor (a checkpoint must not alias live state)."""
@@ -230,6 +208,9 @@ def _check_values(sd: dict[str, torch.Tensor], w: int, max_reuse: int | None, ac
     last = sd["last"].cpu().tolist()
     if skip not in (0.0, 1.0) or last[LAST_GATED] not in (0.0, 1.0) or last[LAST_SKIPPED] not in (0.0, 1.0):
         raise ValueError(f"gate state: 'skip' and the gated/skipped flags of 'last' must be 0 or 1, got {skip}, {last}")
+    rule_trips = sd["rule_trips"].cpu().tolist()
+    if any(not (0 <= r <= trips) for r in rule_trips):
+        raise ValueError(f"gate state 'rule_trips' must be in [0, stopped_batches={trips}], got {rule_trips}")
     df = int(sd["drift_filled"].cpu())
     if not (0 <= df <= w):
         raise ValueError(f"gate state 'drift_filled' must be in [0, {w}], got {df}")

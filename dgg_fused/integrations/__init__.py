@@ -51,31 +51,54 @@ class DriftAccumulator:
     """Policy-drift statistics of one optimizer step, over its micro-batches and data-parallel ranks.
 
     A trainer calls :meth:`add` for every micro-batch (current and rollout per-token log-probabilities, the token
-    mask) and :meth:`record` once before the optimizer step: the token-weighted means of ``approx_kl`` and
-    ``clip_frac`` and the max of ``ratio_max`` over every micro-batch and, with ``group``, every rank (one SUM and one
-    MAX all-reduce, on the device) go to :meth:`~dgg_fused.GatedOptimizer.record_drift`, so every rank decides alike.
+    mask) and :meth:`record` once before the optimizer step. Every statistic of :data:`dgg_fused.DRIFT_STATS` is
+    taken over all the step's counted tokens, as :func:`dgg_fused.drift_stats` would give on their concatenation:
+    token-weighted means for ``approx_kl``, ``clip_frac``, ``log_ratio_m2`` and ``tv``, the max for ``ratio_max``,
+    and for ``ess`` the sums ``sum w`` and ``sum w^2`` kept relative to the largest log ratio seen so far (rescaled
+    when a larger one arrives), so no weight overflows. With ``group``, the ranks' values are combined the same way
+    on the device (one MAX and one SUM all-reduce), so every rank decides alike; then they go to
+    :meth:`~dgg_fused.GatedOptimizer.record_drift`.
     """
 
     def __init__(self) -> None:
-        self._acc: list | None = None  # [kl_sum, clip_sum, tokens, ratio_max]
+        # [kl_sum, clip_sum, m2_sum, tv_sum, tokens, w_sum, w2_sum] (w relative to exp(top)), ratio_max, top
+        self._acc: list | None = None
 
     @property
     def empty(self) -> bool:
         """No micro-batch was added since the last :meth:`record`."""
         return self._acc is None
 
+    @staticmethod
+    def _rescale(sums, top, new_top):
+        import torch
+
+        f = torch.where(top == float("-inf"), torch.zeros_like(top), (top - new_top).exp())
+        return torch.cat([sums[:5], sums[5:6] * f, sums[6:7] * f * f])
+
     def add(self, logp_new: Any, logp_old: Any, mask: Any, *, clip_eps: float = 0.2) -> None:
-        """Add one micro-batch (see :func:`dgg_fused.drift_stats` for the arguments)."""
+        """Add one micro-batch (see :func:`dgg_fused.drift_stats` for the arguments and their checks)."""
         import torch
 
         from ..drift import drift_stats
 
-        st = drift_stats(logp_new, logp_old, mask, clip_eps=clip_eps)
-        n = (mask != 0).sum().to(torch.float32)
-        part = [st["approx_kl"] * n, st["clip_frac"] * n, n, st["ratio_max"]]
+        st = drift_stats(logp_new, logp_old, mask, clip_eps=clip_eps)  # validates the arguments
+        log_r = logp_new.detach().to(torch.float32) - logp_old.detach().to(device=logp_new.device, dtype=torch.float32)
+        m = torch.ones_like(log_r, dtype=torch.bool) if mask is None else mask.detach().to(log_r.device) != 0
+        n = m.sum().to(torch.float32)
+        neg_inf = torch.full((), float("-inf"), dtype=torch.float32, device=log_r.device)
+        top = torch.where(m, log_r, neg_inf).amax() if log_r.numel() else neg_inf
+        shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+        w = torch.where(m, (log_r - shift).exp(), torch.zeros_like(log_r))  # relative to exp(top): every w <= 1
+        sums = torch.stack([st["approx_kl"] * n, st["clip_frac"] * n, st["log_ratio_m2"] * n, st["tv"] * n, n,
+                            w.sum(), w.square().sum()])
         a = self._acc
         if a is not None:
-            part = [a[0] + part[0], a[1] + part[1], a[2] + part[2], torch.maximum(a[3], part[3])]
+            new_top = torch.maximum(a[2], top)
+            sums = self._rescale(a[0], a[2], new_top) + self._rescale(sums, top, new_top)
+            part = [sums, torch.maximum(a[1], st["ratio_max"]), new_top]
+        else:
+            part = [sums, st["ratio_max"], top]
         self._acc = part
 
     def record(self, optimizer: Any, group: Any = None) -> None:
@@ -87,11 +110,16 @@ class DriftAccumulator:
         acc, self._acc = self._acc, None
         if acc is None:
             raise RuntimeError("DriftAccumulator.record: no micro-batch was added for this optimizer step")
-        kl_sum, clip_sum, n, rmax = acc
+        sums, rmax, top = acc
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            sums = torch.stack([kl_sum, clip_sum, n])
+            maxes = torch.stack([rmax, top])
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+            rmax, new_top = maxes.unbind()
+            sums = self._rescale(sums, top, new_top)
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-            dist.all_reduce(rmax, op=dist.ReduceOp.MAX, group=group)
-            kl_sum, clip_sum, n = sums.unbind()
-        n = n.clamp(min=1.0)
-        unwrap_gated(optimizer).record_drift(approx_kl=kl_sum / n, clip_frac=clip_sum / n, ratio_max=rmax)
+        kl_sum, clip_sum, m2_sum, tv_sum, count, s1, s2 = sums.unbind()
+        n = count.clamp(min=1.0)
+        ess = (s1 * s1 / (count * s2)).clamp(max=1.0)
+        ess = torch.where(count > 0, ess, torch.ones_like(ess))
+        unwrap_gated(optimizer).record_drift(approx_kl=kl_sum / n, clip_frac=clip_sum / n, ratio_max=rmax,
+                                             ess=ess, log_ratio_m2=m2_sum / n, tv=tv_sum / n)

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "dgg_fused.integrations.hf needs transformers: pip install 'dgg_fused[hf]'"
     ) from exc
 
-from ..lm_head import find_lm_head, params_of
+from ..lm_head import check_tied, find_lm_head, params_of
 from . import gate_metrics, unwrap_gated
 
 __all__ = [
@@ -29,21 +29,22 @@ __all__ = [
     "add_metrics_callback",
     "unwrap_gated",
     "gate_metrics",
-    "window_fill",
     "warmup_optimizer_steps",
     "resolve_lm_head",
 ]
 
 
 class DGGMetricsCallback(TrainerCallback):
-    """Adds the gate metrics (``dgg/energy``, ``dgg/statistic``, ``dgg/gated``, ``dgg/steps``, ...) to the logs.
+    """Adds the gate metrics to the logs: :meth:`GatedOptimizer.get_metrics` under ``dgg/`` (only what the
+    configured rule reads: ``dgg/energy``, ``dgg/statistic`` and ``dgg/window_filled`` for the energy rule,
+    ``dgg/drift``, ``dgg/drift_statistic`` and, for a Z-score rule, ``dgg/drift_window_filled`` for a drift statistic,
+    ``dgg/energy_trips`` / ``dgg/drift_trips`` with both, and always ``dgg/gated``, ``dgg/steps``, ...).
 
-    Besides the cumulative counters of :meth:`GatedOptimizer.get_metrics`, it logs
-    ``dgg/gated_fraction``: the fraction of optimizer steps dropped since the previous log call (after a resume,
-    since the first step of this ``train()`` call: the baseline is read at ``on_train_begin``, after the checkpoint
-    loaded the gate's counters), and ``dgg/window_fill``: how full the gate's reference window is (0 to 1). The gate
-    cannot act before it reaches 1; until then a large ``dgg/statistic`` with ``dgg/gated`` = 0 is expected.
-    The end-of-training summary entry (``train_runtime``, ``train_loss``, ...) is left alone.
+    Besides those it logs ``dgg/gated_fraction``: the fraction of optimizer steps dropped since the previous log
+    call (after a resume, since the first step of this ``train()`` call: the baseline is read at
+    ``on_train_begin``, after the checkpoint loaded the gate's counters). A window rule cannot act before its
+    ``window_filled`` reaches ``config.window``; until then a large ``dgg/statistic`` with ``dgg/gated`` = 0 is
+    expected. The end-of-training summary entry (``train_runtime``, ``train_loss``, ...) is left alone.
 
     It edits the ``logs`` dict in place in ``on_log`` (and the entry ``Trainer.log`` just appended to
     ``state.log_history``), so callbacks *after* it see the metrics: register it before the reporting callbacks
@@ -68,9 +69,7 @@ class DGGMetricsCallback(TrainerCallback):
         gated = unwrap_gated(kwargs.get("optimizer"))
         if gated is None:
             return
-        raw = gated.get_metrics()  # the one device-to-host copy of this log call
-        m = {f"{self.prefix}{k}": v for k, v in raw.items()}
-        m[f"{self.prefix}window_fill"] = raw["window_filled"] / gated.config.window
+        m = gate_metrics(gated, self.prefix)  # the one device-to-host copy of this log call
         steps, gsteps = m[f"{self.prefix}steps"], m[f"{self.prefix}gated_steps"]
         d_steps = steps - self._last_steps
         m[f"{self.prefix}gated_fraction"] = (gsteps - self._last_gated) / d_steps if d_steps > 0 else 0.0
@@ -85,17 +84,6 @@ def _is_train_log(logs: dict) -> bool:
     # Trainer.log is also used for eval metrics ("eval_*") and for the end-of-training summary ("train_runtime",
     # "train_loss", ...); only annotate the per-step training logs.
     return not any(k.startswith(("eval_", "test_", "train_")) for k in logs)
-
-
-def window_fill(optimizer: Any) -> float:
-    """Fraction (0..1) of the gate's reference window that is filled; the gate can trip only at 1.0.
-
-    Reads one small device tensor (call it when logging).
-    """
-    gated = unwrap_gated(optimizer)
-    if gated is None:
-        raise TypeError(f"window_fill expects a GatedOptimizer (or a wrapper of one), got {type(optimizer).__name__}")
-    return float(gated.get_metrics()["window_filled"]) / gated.config.window
 
 
 def warmup_optimizer_steps(config: Any, steps_per_pass: int, passes: int) -> int:
@@ -113,7 +101,7 @@ def warmup_optimizer_steps(config: Any, steps_per_pass: int, passes: int) -> int
     else:
         window_need = config.window
     needs = []
-    if config.energy:
+    if config.energy:  # the energy Z-score rule (energy_decay is a drift statistic: below)
         needs.append(window_need)
     if config.drift is not None:
         needs.append(window_need if config.drift_rule == "zscore" else steps_per_pass)
@@ -130,7 +118,7 @@ def add_metrics_callback(trainer: Any, prefix: str = "dgg/") -> DGGMetricsCallba
     return cb
 
 
-def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool = False) -> list:
+def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool | None = None) -> list:
     """The parameters the gate watches: the *trainable* parameters of ``model``'s output projection.
 
     Args:
@@ -138,7 +126,9 @@ def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool = False)
         lm_head: ``None`` (find it with :func:`dgg_fused.find_lm_head`), a dotted module name (``"lm_head"``),
             looked up on the model as it is *now* (after PEFT wrapped it), a module, a Parameter or an iterable
             of Parameters.
-        warn_tied: passed to :func:`dgg_fused.find_lm_head`.
+        warn_tied: when the head is tied to the model's input embedding: warn (``True``;
+            :class:`~dgg_fused.TiedLmHeadWarning`, once per weight), accept it silently (``False``), or leave it
+            alone (``None``, the default), as :func:`dgg_fused.find_lm_head`.
 
     Under PEFT the output projection may be wrapped; the rule is the same everywhere — the gate watches the
     output projection's parameters that require grad:
@@ -148,15 +138,15 @@ def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool = False)
     * ``target_modules`` containing the lm_head (LoRA on the output projection): the gate watches the head's
       adapter weights (``lora_A`` / ``lora_B``): the energy of the lm_head update the optimizer can make, not the
       full lm_head gradient. (TRL 1.16's GRPOTrainer refuses LoRA on the lm_head: it computes the
-      log-probabilities from ``lm_head.weight`` directly.)
+      log-probabilities from ``lm_head.weight`` directly; so the error below does not advise it.)
     * a frozen lm_head (plain LoRA on the attention / MLP layers): there is nothing to watch; ``ValueError`` says
-      how to make the head (or its adapters) trainable.
+      what works: ``modules_to_save=["lm_head"]``, or a drift-only gate, which reads no lm_head.
 
     Returns the list of Parameters. Raises ``ValueError`` when the name does not exist or nothing is trainable.
     """
     what = "the output projection"
     if lm_head is None:
-        head = find_lm_head(model, warn_tied=warn_tied)
+        head = find_lm_head(model, warn_tied=None)
         what = f"the output projection ({type(head).__name__}, found by find_lm_head)"
     elif isinstance(lm_head, str):
         head = _get_submodule(model, lm_head)
@@ -164,14 +154,16 @@ def resolve_lm_head(model: Any, lm_head: Any = None, *, warn_tied: bool = False)
     else:
         head = lm_head
     every = params_of(head)
+    if warn_tied is not None:
+        check_tied(model, every, warn=warn_tied)
     params, total = [p for p in every if p.requires_grad], len(every)
     if not params:
         raise ValueError(
             f"{what} has {total} parameter(s) and none of them is trainable, so the gate has no lm_head gradient to "
-            "watch (with PEFT/LoRA the base lm_head is frozen). Make the head trainable: "
-            "LoraConfig(modules_to_save=['lm_head']) (the gate watches the trainable copy, i.e. the full lm_head "
-            "gradient) or LoraConfig(target_modules=[..., 'lm_head']) (the gate watches the head's adapters); "
-            "or point the gate at trainable parameters with lm_head= / dgg_lm_head=."
+            "watch (with PEFT/LoRA the base lm_head is frozen). Either make the head trainable: "
+            "LoraConfig(..., modules_to_save=['lm_head']) (the gate watches the trainable copy, the full lm_head "
+            "gradient), or gate on policy drift alone, which reads no lm_head: GateConfig.recommended() "
+            "(DGGGRPOConfig: --dgg_preset recommended)."
         )
     return params
 
@@ -191,4 +183,9 @@ def _get_submodule(model: Any, name: str) -> Any:
         if nxt is None or nxt is m:
             break
         m = nxt
-    raise ValueError(f"lm_head={name!r}: no such submodule in {' / '.join(tried)}")
+    try:
+        found = find_lm_head(model, warn_tied=None)
+        hint = next((f"; its output projection is {n!r}" for n, mod in model.named_modules() if mod is found), "")
+    except ValueError:
+        hint = ""
+    raise ValueError(f"lm_head={name!r}: no such submodule in {' or '.join(tried)}{hint}")

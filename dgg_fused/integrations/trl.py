@@ -7,6 +7,7 @@ or, to configure the gate from the command line / a YAML file, :class:`DGGGRPOCo
 ``dgg_*`` fields that ``trl.TrlParser`` reads)::
 
     args = TrlParser((DGGGRPOConfig,)).parse_args_and_config()[0]   # --num_iterations 4 --dgg_tau 0.3 ...
+                                                                    # --dgg_preset recommended (the KL early stop)
 
 Supported: trl >= 1.16, < 2. In TRL's loop the trainer tells the gate the reuse pass ``k`` of every micro-step
 (:meth:`~dgg_fused.GatedOptimizer.set_reuse_index`), regenerates rollouts at the next micro-step after a trip
@@ -20,6 +21,8 @@ what it refuses and why, PEFT and tied heads: docs/integrations.md, "TRL GRPOTra
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,8 +35,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 
 import torch
 
+from ..callsite import user_stacklevel
+from ..checkpoint import STATE_KEY, WindowMismatch
 from ..config import GateConfig
-from ..lm_head import TiedLmHeadWarning, is_tied
+from ..lm_head import check_tied
 from ..optimizer import SKIP_MODES, GatedOptimizer
 from . import DriftAccumulator, unwrap_gated
 from .hf import DGGMetricsCallback, add_metrics_callback, resolve_lm_head, warmup_optimizer_steps
@@ -45,6 +50,10 @@ __all__ = ["DGGGRPOTrainer", "DGGGRPOConfig", "DGGMetricsCallback", "SUPPORTED_T
 SUPPORTED_TRL = ">=1.16,<2"
 
 _GATE_DEFAULTS = {f.name: f.default for f in fields(GateConfig)}
+#: The named gates ``--dgg_preset`` selects: :meth:`GateConfig.paper` and :meth:`GateConfig.recommended`.
+PRESETS = ("paper", "recommended")
+#: What ``--dgg_drift`` takes for "no drift statistic" (a YAML ``dgg_drift: approx_kl`` can be switched off).
+_NONE_WORDS = ("none", "None", "null", "")
 
 
 def _gate_field(name: str, help: str) -> Any:
@@ -56,9 +65,22 @@ class DGGGRPOConfig(GRPOConfig):
     """``trl.GRPOConfig`` plus the gate's settings, so ``TrlParser`` (CLI flags, YAML) can set them.
 
     Each ``dgg_<name>`` field is :class:`~dgg_fused.GateConfig`'s ``<name>`` (same default, same validation, done
-    at construction); ``dgg_max_reuse`` defaults to ``num_iterations``. :meth:`gate_config` builds the
-    ``GateConfig``. Command line: ``--num_iterations 4 --dgg_tau 0.3 --dgg_window 8``; YAML: ``dgg_tau: 0.3``.
+    at construction); ``dgg_max_reuse`` defaults to ``num_iterations``. ``dgg_preset`` starts from a named gate
+    (``paper`` = ``GateConfig.paper()``, ``recommended`` = ``GateConfig.recommended()``, PPO's target-KL early stop)
+    that the other ``dgg_*`` fields given then adjust. :meth:`gate_config` builds the ``GateConfig``. Command line:
+    ``--num_iterations 4 --dgg_tau 0.3 --dgg_window 8`` or ``--dgg_preset recommended``; YAML: ``dgg_tau: 0.3``.
+    ``--dgg_drift none`` switches a drift statistic off.
+
+    A field counts as *set* (:meth:`gate_settings`) when it differs from its default, or for every field of a
+    ``dgg_preset``: only set fields can conflict with a ``GateConfig`` passed to the trainer as ``dgg_config=``.
     """
+
+    dgg_preset: str | None = field(
+        default=None,
+        metadata={"help": "DGG: start from a named gate: paper (the lm_head-energy Z-score, GateConfig.paper()) or "
+                          "recommended (PPO's target-KL early stop, GateConfig.recommended()); the other dgg_* flags "
+                          "given adjust it.", "choices": [*PRESETS, None]},
+    )
 
     dgg_window: int = _gate_field("window", "DGG: reference observations in the gate's sliding window.")
     dgg_tau: float = _gate_field("tau", "DGG: Z-score threshold above which a reuse-pass step is dropped.")
@@ -71,12 +93,17 @@ class DGGGRPOConfig(GRPOConfig):
     dgg_energy: bool = _gate_field("energy", "DGG: watch the lm_head gradient energy (the paper's rule).")
     dgg_drift: str | None = field(
         default=None,
-        metadata={"help": "DGG: a policy-drift statistic to watch: approx_kl, clip_frac or ratio_max (default none)."},
+        metadata={"help": "DGG: a policy-drift statistic to watch: approx_kl, clip_frac, ratio_max, ess, log_ratio_m2 "
+                          "or tv (default none)."},
     )
     dgg_drift_rule: str = _gate_field("drift_rule", "DGG: how the drift statistic trips: threshold or zscore.")
     dgg_drift_threshold: float = _gate_field("drift_threshold", "DGG: threshold of the drift rule (e.g. target KL).")
+    dgg_drift_direction: str = _gate_field(
+        "drift_direction", "DGG: which side of the drift threshold trips: auto (the statistic's harm direction: "
+                           "below for ess, above otherwise), above or below.")
     dgg_combine: str = _gate_field("combine", "DGG: energy and drift rules combined: any (either trips) or all.")
-    dgg_action: str = _gate_field("action", "DGG: what a trip does: skip (drop the step, stop reuse) or watch.")
+    dgg_action: str = _gate_field("action", "DGG: what a trip does: skip (drop the step, stop reuse), scale (shrink the step, "
+                                  "keep reusing) or watch (record only).")
     dgg_skip_mode: str = field(
         default="auto", metadata={"help": f"DGG: how a step is dropped, one of {SKIP_MODES}."}
     )
@@ -92,27 +119,48 @@ class DGGGRPOConfig(GRPOConfig):
         super().__post_init__()
         if self.dgg_skip_mode not in SKIP_MODES:
             raise ValueError(f"DGGGRPOConfig.dgg_skip_mode must be one of {SKIP_MODES}, got {self.dgg_skip_mode!r}")
+        if self.dgg_preset not in (*PRESETS, None):
+            raise ValueError(f"DGGGRPOConfig.dgg_preset must be one of {PRESETS} or None, got {self.dgg_preset!r}")
+        if self.dgg_drift in _NONE_WORDS:
+            self.dgg_drift = None
         try:
             self.gate_config()
         except ValueError as exc:
             raise ValueError(f"DGGGRPOConfig (the dgg_* fields): {exc}") from None
 
+    def _given(self) -> dict[str, Any]:
+        """The ``GateConfig`` fields given a value other than their default (``dgg_max_reuse``: not None)."""
+        given = {}
+        for name, default in _GATE_DEFAULTS.items():
+            value = getattr(self, f"dgg_{name}")
+            if value != (None if name == "max_reuse" else default):
+                given[name] = value
+        return given
+
     def gate_config(self) -> GateConfig:
-        """The :class:`~dgg_fused.GateConfig` these fields describe."""
-        names = [f.name for f in fields(GateConfig)]
-        kw = {n: getattr(self, f"dgg_{n}") for n in names if hasattr(self, f"dgg_{n}")}
-        if kw.get("max_reuse") is None:
-            kw["max_reuse"] = max(int(self.num_iterations), 1)
-        return GateConfig(**kw)
+        """The :class:`~dgg_fused.GateConfig` these fields describe: the ``dgg_preset`` (default: the paper's rule)
+        with the fields given, ``max_reuse`` defaulting to ``num_iterations``."""
+        kw = {"max_reuse": max(int(self.num_iterations), 1), **self._given()}
+        return getattr(GateConfig, self.dgg_preset or "paper")(**kw)
+
+    def gate_settings(self) -> dict[str, Any]:
+        """The ``GateConfig`` fields these ``dgg_*`` fields set, with their values: the fields given, and with a
+        ``dgg_preset`` every field but a ``max_reuse`` left to ``num_iterations``. Empty: nothing was set."""
+        given = self._given()
+        if self.dgg_preset is None:
+            return given
+        cfg = self.gate_config()
+        return {n: getattr(cfg, n) for n in _GATE_DEFAULTS if n != "max_reuse" or n in given}
 
 
 class DGGGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose rollout reuse (``num_iterations`` = K) is gated by DGG.
 
     Args (in addition to GRPOTrainer's):
-        dgg_config: the :class:`~dgg_fused.GateConfig`; default: ``args.gate_config()`` for a
-            :class:`DGGGRPOConfig`, else ``GateConfig(max_reuse=num_iterations)``. Its ``max_reuse`` must be >=
-            ``num_iterations``.
+        dgg_config: the :class:`~dgg_fused.GateConfig` (e.g. ``GateConfig.recommended()``); default:
+            ``args.gate_config()`` for a :class:`DGGGRPOConfig`, else ``GateConfig(max_reuse=num_iterations)``. Its
+            ``max_reuse`` must be >= ``num_iterations``. With a :class:`DGGGRPOConfig` too, the ``dgg_*`` fields the
+            user set (:meth:`DGGGRPOConfig.gate_settings`) must agree with it; unset ones are not settings.
         lm_head: what the gate watches: ``None`` (the output projection, found automatically; under PEFT its
             trainable copy or adapters), a dotted module name looked up on the model *after* PEFT wrapped it
             (``"lm_head"``; use this with ``peft_config=``), a module, a Parameter or an iterable of Parameters.
@@ -144,20 +192,30 @@ class DGGGRPOTrainer(GRPOTrainer):
         user_gated = unwrap_gated(self.optimizer)  # a GatedOptimizer passed through optimizers=
         if dgg_config is not None and not isinstance(dgg_config, GateConfig):
             raise TypeError(f"dgg_config must be a GateConfig, got {type(dgg_config).__name__}")
-        sources = {}
+        # Every place that configures the gate, with the fields it sets: a GateConfig sets all of them, the dgg_*
+        # fields only those given (or a preset's). Two places conflict only on a field both set differently.
+        sources: dict[str, tuple[GateConfig, dict[str, Any]]] = {}
         if user_gated is not None:
-            sources["the GatedOptimizer passed through optimizers= (its config=)"] = user_gated.config
+            cfg = user_gated.config
+            sources["the GatedOptimizer passed through optimizers= (its config=)"] = (cfg, cfg.to_dict())
         if dgg_config is not None:
-            sources["dgg_config="] = dgg_config
-        if from_args:
-            sources["the DGGGRPOConfig's dgg_* fields"] = targs.gate_config()
-        if len(set(sources.values())) > 1:
-            listed = "; ".join(f"{name}: {cfg}" for name, cfg in sources.items())
+            sources["dgg_config="] = (dgg_config, dgg_config.to_dict())
+        if from_args and targs.gate_settings():
+            sources["the DGGGRPOConfig's dgg_* fields"] = (targs.gate_config(), targs.gate_settings())
+        named = list(sources.items())
+        clash = sorted({n for i, (_, (_, a)) in enumerate(named) for _, (_, b) in named[i + 1:]
+                        for n in a.keys() & b.keys() if a[n] != b[n]})
+        if clash:
+            listed = "; ".join(f"{name}: {', '.join(f'{n}={fs[n]!r}' for n in clash if n in fs)}"
+                               for name, (_, fs) in named)
             raise ValueError(
                 f"the gate is configured in {len(sources)} places with different settings ({listed}); "
                 "configure it in one place (the others would be ignored)"
             )
-        cfg = next(iter(sources.values())) if sources else GateConfig(max_reuse=max(k, 1))
+        if sources:
+            cfg = next(iter(sources.values()))[0]
+        else:
+            cfg = targs.gate_config() if from_args else GateConfig(max_reuse=max(k, 1))
         if k <= 1:
             raise ValueError(
                 f"num_iterations={k}: there is no reuse pass, so the gate can never act (DGG only drops steps on "
@@ -196,30 +254,16 @@ class DGGGRPOTrainer(GRPOTrainer):
         self.dgg_config = cfg
         self._dgg_skip_mode = skip_mode
         self._dgg_lm_head: list | None = None
-        if user_gated is None and cfg.energy:
+        if user_gated is None and cfg.reads_energy:
             # Resolved now, on the model as TRL left it (PEFT-wrapped when peft_config= was given), so that a frozen
             # head fails here and not at train().
-            try:
-                self._dgg_lm_head = resolve_lm_head(self.model, lm_head)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{exc} Or gate on policy drift alone, which needs no lm_head: "
-                    "GateConfig(energy=False, drift='approx_kl', drift_threshold=...) (--dgg_energy false "
-                    "--dgg_drift approx_kl)."
-                ) from None
-            if warn_tied and lm_head is None and _tied(self.model):
-                warnings.warn(
-                    "the model's lm_head weight is tied to its input embedding: the gate sees the energy of the "
-                    "shared matrix's gradient (output projection + the embedding rows of the batch's tokens), not "
-                    "the pure lm_head energy of the paper. Pass DGGGRPOTrainer(..., warn_tied=False) "
-                    "(DGGGRPOConfig: --dgg_warn_tied false) once you accept that; see dgg_fused.find_lm_head.",
-                    TiedLmHeadWarning,
-                    stacklevel=2,
-                )
+            self._dgg_lm_head = resolve_lm_head(self.model, lm_head, warn_tied=warn_tied)
         elif user_gated is not None and lm_head is not None:
             raise ValueError("lm_head= is ignored when a GatedOptimizer is passed through optimizers= (it has its own)")
         elif lm_head is not None:
             raise ValueError("lm_head= is not used: this gate watches no lm_head energy (GateConfig.energy=False)")
+        elif user_gated is not None and cfg.reads_energy:  # (TRL computes logits from lm_head.weight, not the module)
+            check_tied(self.model, user_gated.lm_head_params, warn=warn_tied)
         self._dgg_gen_step = 0  # value of self._step when the current buffer was generated
         self._dgg_capture = False
         self._dgg_logps: torch.Tensor | None = None
@@ -247,6 +291,20 @@ class DGGGRPOTrainer(GRPOTrainer):
             )
         return self.optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except WindowMismatch as exc:
+            path = os.path.join(str(checkpoint), "optimizer.pt")
+            raise ValueError(
+                f"DGGGRPOTrainer: cannot resume the gate from {checkpoint}: it was saved with window {exc.saved}, this "
+                f"run's gate has window {exc.current}. Resume it with --dgg_window {exc.saved} (DGGGRPOConfig("
+                f"dgg_window={exc.saved}), or dgg_config=GateConfig(window={exc.saved}, ...)); or start the gate fresh "
+                f"(the model and the inner optimizer still resume) by removing its '{STATE_KEY}' entry from the "
+                f"checkpoint: sd = torch.load({path!r}, weights_only=True); del sd[{STATE_KEY!r}]; "
+                f"torch.save(sd, {path!r})"
+            ) from None
+
     def _dgg_attach_deepspeed(self, gated: GatedOptimizer) -> None:
         """Under DeepSpeed: hook the gate into the engine accelerate built (once, at the first training step)."""
         wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
@@ -255,7 +313,7 @@ class DGGGRPOTrainer(GRPOTrainer):
 
     def _clip_grad_norm(self, model: Any) -> Any:
         gated = self.gated_optimizer
-        if gated is not None and gated.config.energy and not self.is_deepspeed_enabled:
+        if gated is not None and gated.config.reads_energy and not self.is_deepspeed_enabled:
             gated.record_energy(grad_scale=self._dgg_grad_scale())  # (DeepSpeed: measured in the engine step)
         return super()._clip_grad_norm(model)
 
@@ -276,7 +334,7 @@ class DGGGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model: Any, inputs: Any) -> Any:
         gated = self.gated_optimizer
-        if gated is None or gated.config.drift is None or not self.model.training:
+        if gated is None or not gated.config.takes_drift or not self.model.training:
             return super()._compute_loss(model, inputs)
         self._dgg_capture, self._dgg_logps = True, None
         try:
@@ -335,17 +393,9 @@ class DGGGRPOTrainer(GRPOTrainer):
             self._step = real_step
 
 
-def _tied(model: Any) -> bool:
-    from ..lm_head import find_lm_head
-
-    try:
-        return is_tied(model, find_lm_head(model, warn_tied=False))
-    except ValueError:
-        return False
-
-
 class _WarmupCheck(TrainerCallback):
-    """Warns at the start of training when ``max_steps`` ends before the gate's window can fill."""
+    """Warns at the start of training when ``max_steps`` ends before the gate's window can fill, pointing at the
+    user's ``trainer.train()`` and saying what would let the gate act."""
 
     def __init__(self, trainer: DGGGRPOTrainer) -> None:
         self._trainer = trainer
@@ -355,14 +405,22 @@ class _WarmupCheck(TrainerCallback):
         gated = t.gated_optimizer
         if gated is None:
             return
+        cfg, k, max_steps = gated.config, int(t.num_iterations), state.max_steps
         per_pass = int(args.steps_per_generation) // int(args.gradient_accumulation_steps)
-        need = warmup_optimizer_steps(gated.config, per_pass, int(t.num_iterations))
-        if state.max_steps <= need:
-            warnings.warn(
-                f"DGG: the gate can act only from optimizer step {need} on (its window of {gated.config.window} "
-                f"reference observations fills after that, reference={gated.config.reference!r}), but this run "
-                f"has max_steps={state.max_steps}: the gate will never drop a step. Lower the window "
-                "(GateConfig(window=...) / --dgg_window) or train longer; dgg/window_fill in the logs shows the "
-                "warm-up.",
-                stacklevel=2,
-            )
+        need = warmup_optimizer_steps(cfg, per_pass, k)
+        if max_steps > need:
+            return
+        fits = [(w, n) for w in range(cfg.window - 1, 1, -1)
+                if (n := warmup_optimizer_steps(dataclasses.replace(cfg, window=w), per_pass, k)) < max_steps]
+        ways = [f"a smaller window, --dgg_window {fits[0][0]} (GateConfig(window={fits[0][0]})), can act from step "
+                f"{fits[0][1]}"] if fits else []
+        ways += [f"train longer: --max_steps {need + 1} or more",
+                 "or gate on policy drift with a threshold, which needs no window: --dgg_preset recommended "
+                 "(GateConfig.recommended(), PPO's target-KL early stop)"]
+        warnings.warn(
+            f"DGG: the gate can act only from optimizer step {need} on (its window of {cfg.window} reference "
+            f"observations, reference={cfg.reference!r}, fills only then), but this run has max_steps={max_steps}: "
+            f"the gate will never drop a step. To let it act: {'; '.join(ways)}. dgg/window_filled in the logs shows "
+            "the warm-up.",
+            stacklevel=user_stacklevel(),
+        )

@@ -100,7 +100,7 @@ class DGGFSDPEngine(FSDPEngineWithLMHead):
         over = {k: v for k, v in (self.optimizer_config.override_optimizer_config or {}).items() if k != _CONFIG_KEY}
         inner_cfg = dataclasses.replace(self.optimizer_config, override_optimizer_config=over or None)
         inner = build_optimizer(module.parameters(), inner_cfg)
-        head = find_lm_head(module, warn_tied=False)
+        head = find_lm_head(module)  # a tied head warns (TiedLmHeadWarning), once per weight
         return GatedOptimizer(inner, lm_head=head, config=cfg)
 
     @property
@@ -110,11 +110,11 @@ class DGGFSDPEngine(FSDPEngineWithLMHead):
 
     def optimizer_step(self) -> Any:
         gated = self.gated_optimizer
-        if gated is not None and gated.config.energy:
+        if gated is not None and gated.config.reads_energy:
             scaler = getattr(self, "scaler", None)
             scale = scaler._scale if scaler is not None and scaler.is_enabled() else None  # device tensor, no sync
             gated.record_energy(grad_scale=scale)  # before verl unscales and clips
-        if gated is not None and gated.config.drift is not None:
+        if gated is not None and gated.config.takes_drift:
             if self.dgg_drift is None or self.dgg_drift.empty:
                 raise RuntimeError(
                     "DGG: the gate watches a drift statistic but no micro-batch of this mini-batch had old_log_probs"
@@ -199,7 +199,7 @@ class _DriftProbe:
         out = self.fn(*args, **kwargs)
         gated = self.worker.gated_optimizer
         model_output, data = kwargs.get("model_output"), kwargs.get("data")
-        if gated is None or gated.config.drift is None or model_output is None or data is None:
+        if gated is None or not gated.config.takes_drift or model_output is None or data is None:
             return out
         if not torch.is_grad_enabled():  # a forward-only pass (log-prob computation): no optimizer step follows
             return out
