@@ -236,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = {"z_energy": cfg.gate.tau, "approx_kl": cfg.target_kl}
     sig = report.signals(results, thresholds)
     dwd = report.weight_change_table(rows, arm_order)
+    sig_tgts = None  # docs/signals.md's targets: only when the runs have the oracle (older reports are unchanged)
+    if "oracle" in arm_order:
+        sts = [report.signal_targets(rows, sig, g, fractions=fractions, gate=cfg.gate, target_kl=cfg.target_kl)
+               for g in gate_arms]
+        sig_tgts = {"arms": sts, "recommendation": report.recommend(sts)}
     described = {policy.name: policy.describe()} if policy_meta is not None else {}
     policies = [described.get(n) or get_policy(n).describe() for n in dict.fromkeys(r.policy for r in results)
                 if n != "toy"]
@@ -249,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         "Harm oracle (arms: " + ", ".join(sorted({r.arm for r in results if r.steps})) + "):\n\n"
         + report.format_signals(sig) if sig else "",
         "Share of the greedy oracle's gain (the oracle is a ceiling, not a method):\n\n"
-        + report.format_oracle_fractions(fractions) if fractions else "") if x)
+        + report.format_oracle_fractions(fractions) if fractions else "",
+        "Targets of docs/signals.md (per gate arm, counted per task / cell; the recommendation rule):\n\n"
+        + report.format_signal_targets(sig_tgts["arms"], sig_tgts["recommendation"],
+                                       oracle_d_vs_k1=report.mean_d_final_vs_k1(rows, "oracle"))
+        if sig_tgts and sig_tgts["arms"] else "") if x)
     meta = {
         "command": "python -m dgg_fused.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg.to_dict(),
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if policy_meta is not None and policy_meta["name"] != "toy":
         meta["policy"] = policy_meta
-    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text, fractions, dwd)
+    paths = report.write_results(args.out, meta, rows, agg, sig, tgts, text, fractions, dwd, sig_tgts)
     if not args.no_plots:
         paths += plots.write_plots(args.out, results, arm_order, thresholds)
     print(text)
