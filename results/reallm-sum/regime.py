@@ -1,16 +1,21 @@
 """The pre-registered regime rule of docs/reallm.md, applied to the LR scan's runs.jsonl.
 
+"final J" as everywhere in the testbed: the mean J of the last 5 rollout batches.
 benign = the largest scanned lr where naive's final J exceeds K=1's by more than 0.01;
 harmful = the smallest scanned lr where naive's final J is below K=1's by more than 0.01.
 Prints "HARMFUL BENIGN" (an lr, or "none" for each) and, on stderr, the scan table.
 """
 import json
+import statistics
 import sys
+
+FINAL_BATCHES = 5  # "final J": the mean J of the last 5 rollout batches (dgg_fused.demo.report, docs/demo.md)
 
 final = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    final[(r["arm"], r["lr"])] = r["history"][-1]["expected"]
+    j = [h["expected"] for h in r["history"][1:]]
+    final[(r["arm"], r["lr"])] = statistics.fmean(j[-FINAL_BATCHES:])
 lrs = sorted({lr for _, lr in final})
 harmful = benign = None
 for lr in lrs:
