@@ -37,10 +37,13 @@ class Internals(NamedTuple):
         gate: the device-resident :class:`~dgg_fused.gate.GateState` (window, filled, prev_energy, stopped, ...).
         meter: the :class:`~dgg_fused.energy.EnergyMeter` (``meter.pending``: the measurement the next step would
             consider, recorded or made by the energy hook; ``meter.measure()``: what the step would measure now).
+        pending_drift: a copy of the drift statistics handed to ``record_drift`` for the next step (name -> 0-d
+            tensor; empty when none was recorded).
     """
 
     gate: Any
     meter: Any
+    pending_drift: dict
 
 
 def internals(optimizer: Any) -> Internals:
@@ -50,7 +53,7 @@ def internals(optimizer: Any) -> Internals:
     gate, meter = getattr(optimizer, "_gate", None), getattr(optimizer, "_meter", None)
     if gate is None or meter is None:
         raise TypeError(f"internals() expects a GatedOptimizer, got {type(optimizer).__name__}")
-    return Internals(gate, meter)
+    return Internals(gate, meter, dict(getattr(optimizer, "_pending_drift", {})))
 
 #: aten ops that read a device value on the host (or have a data-dependent output shape).
 SYNC_OPS = frozenset(

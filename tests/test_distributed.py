@@ -22,6 +22,7 @@ from torch import nn
 
 from dgg_fused import GateConfig, GatedOptimizer, grad_sumsq
 from dgg_fused.distributed import global_grad_sumsq, set_energy_group
+from dgg_fused.testing import internals
 
 WORLD = 2
 VOCAB = 37  # odd: FSDP2 splits the lm_head rows 19 / 18
@@ -236,7 +237,7 @@ def sc_drift_accumulator(rank: int, tmp: str) -> dict:
     opt = GatedOptimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), lm_head=None,
                          config=GateConfig(energy=False, drift="ess", drift_threshold=0.5))
     acc.record(opt)
-    return {k: v.item() for k, v in opt._pending_drift.items()}
+    return {k: v.item() for k, v in internals(opt).pending_drift.items()}
 
 
 def sc_ddp(rank: int, tmp: str) -> dict:

@@ -139,7 +139,7 @@ def test_drift_accumulator_equals_drift_stats_of_the_whole_step(chunks, scale):
     acc.record(opt)
     assert acc.empty
     ref = _stats_ref(torch.cat(news), torch.cat(olds), torch.cat(masks), 0.2)
-    got = {k: v.item() for k, v in opt._pending_drift.items()}
+    got = {k: v.item() for k, v in internals(opt).pending_drift.items()}
     assert set(got) == set(DRIFT_STATS)
     for k in DRIFT_STATS:
         if math.isfinite(ref[k]) and abs(ref[k]) < 1e30:

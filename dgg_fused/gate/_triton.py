@@ -1,6 +1,6 @@
 """Triton twin of the gate rule: one single-program launch per gated step (imported only when it runs).
 
-It reduces the energy partials (the output of :func:`dgg_fused.ops.grad_sumsq_partials`, or a 1-element energy),
+It reduces the energy partials (the per-tile partial sums of squares the energy op writes, or a 1-element energy),
 applies the rule of ``dgg_fused/gate/reference.py`` (``csrc/gate_epilogue.h`` is the same rule in C++) and updates
 the device-resident gate state in place. IEEE division and square root (``div_rn``/``sqrt_rn``) keep it within
 rounding of the torch reference; the window sums differ from torch's only in summation order. The statistic and

@@ -9,7 +9,8 @@
 
 Both take the gate state as tensors and the rule's knobs as numbers (the shared codes of
 :class:`dgg_fused.config.Statistic` / :class:`~dgg_fused.config.Reference`); which one runs is decided by
-:func:`dgg_fused.gate.resolve_impl`, never inside an op.
+the optimizer's plan (:mod:`dgg_fused.plan`, one resolver: :func:`dgg_fused.ops.resolve_backend`), never inside
+an op.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _triton_kernel(*args) -> None:
 
 
 # Both device keys run the same Triton code: on CPU tensors it works only under the interpreter, which
-# dgg_fused.ops.available_backends reports (a CPU "triton" impl is refused by resolve_impl otherwise).
+# dgg_fused.ops.available_backends reports (a CPU "triton" impl is refused by resolve_backend otherwise).
 torch.library.register_kernel("dgg_fused::gate_epilogue_triton", ("cuda", "cpu"), _triton_kernel)
 
 
