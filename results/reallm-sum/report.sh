@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tables and plots of docs/reallm.md from the committed runs (no training): the demo's report over both regimes,
-# and P1 (DWD) per lr.
+# and P1 (DWD) per lr. docs/img/reallm_*.png are copies of the plots it writes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
