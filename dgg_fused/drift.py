@@ -11,7 +11,7 @@ import torch
 
 from .config import DRIFT_STATS
 
-__all__ = ["drift_stats", "DRIFT_STATS"]
+__all__ = ["drift_stats", "DRIFT_STATS", "drift_partials", "ess_from_sums"]
 
 
 def drift_stats(
@@ -54,6 +54,18 @@ def drift_stats(
         ValueError: shapes differ, or ``clip_eps`` is not a finite number >= 0.
         TypeError: the log-probabilities are not floating point.
     """
+    return drift_partials(logp_new, logp_old, mask, clip_eps)[0]
+
+
+def drift_partials(
+    logp_new: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor | None, clip_eps: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`drift_stats` (arguments checked as there) and the parts its ``ess`` is made of, for a caller that
+    combines several mini-batches (:class:`dgg_fused.integrations.DriftAccumulator`): ``(stats, count, top, s1,
+    s2)``. ``count``: the number of counted tokens (float32, 0 without one); ``top``: the largest counted log ratio
+    (``-inf`` without one); ``s1``, ``s2``: ``sum w`` and ``sum w^2`` with ``w = exp(l - top)`` (``top`` taken as 0
+    when it is ``-inf``). Parts combine after scaling ``s1`` by ``exp(top_part - top_both)`` and ``s2`` by its
+    square; :func:`ess_from_sums` turns the combined sums into the ESS."""
     if not isinstance(logp_new, torch.Tensor) or not isinstance(logp_old, torch.Tensor):
         raise TypeError("drift_stats: logp_new and logp_old must be tensors")
     if not (logp_new.is_floating_point() and logp_old.is_floating_point()):
@@ -72,25 +84,33 @@ def drift_stats(
     zero = torch.zeros((), dtype=torch.float32, device=log_r.device)
     log_r = torch.where(m, log_r, zero)  # masked-out tokens (padding: -inf log-probs) contribute exactly 0
     r = log_r.exp()
-    n = m.sum().to(torch.float32).clamp(min=1.0)
+    count = m.sum().to(torch.float32)
+    n = count.clamp(min=1.0)
     approx_kl = torch.where(m, (r - 1.0) - log_r, zero).sum() / n
     clip_frac = (m & ((r - 1.0).abs() > clip_eps)).sum().to(torch.float32) / n
     ratio_max = log_r.abs().amax() if log_r.numel() else zero
     log_ratio_m2 = log_r.square().sum() / n
     tv = 0.5 * torch.where(m, log_r.expm1().abs(), zero).sum() / n  # expm1: no cancellation in r - 1 near r = 1
-    return {"approx_kl": approx_kl, "clip_frac": clip_frac, "ratio_max": ratio_max.to(torch.float32),
-            "ess": _ess(log_r, m), "log_ratio_m2": log_ratio_m2, "tv": tv}
+    top, s1, s2 = _ess_sums(log_r, m)
+    stats = {"approx_kl": approx_kl, "clip_frac": clip_frac, "ratio_max": ratio_max.to(torch.float32),
+             "ess": ess_from_sums(s1, s2, count), "log_ratio_m2": log_ratio_m2, "tv": tv}
+    return stats, count, top, s1, s2
 
 
-def _ess(log_r: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``(sum w)^2 / (n sum w^2)`` over the counted tokens ``m``, ``w = exp(log_r)``, with the largest counted log
-    ratio subtracted first (the ratio is invariant to a common factor of the weights): every weight is then <= 1 and
-    the largest is 1, so neither sum overflows and ``n sum w^2 >= 1``. 1 without a counted token."""
+def _ess_sums(log_r: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(top, s1, s2)``: the largest counted log ratio (``-inf`` without a counted token) and ``sum w``, ``sum w^2``
+    over the counted tokens ``m`` with ``w = exp(log_r - top)`` (``top`` taken as 0 when it is ``-inf``). Every
+    weight is then <= 1 and the largest is 1, so neither sum overflows; the ESS is invariant to that common factor,
+    and sums of two parts combine after scaling each by ``exp(top_part - top_both)`` (``**2`` for ``s2``)."""
     neg_inf = torch.full((), float("-inf"), dtype=log_r.dtype, device=log_r.device)
     top = torch.where(m, log_r, neg_inf).amax() if log_r.numel() else neg_inf
-    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # no counted token (or all -inf): no shift
-    w = torch.where(m, (log_r - top).exp(), torch.zeros_like(log_r))
-    count = m.sum().to(torch.float32)
-    s1, s2 = w.sum(), w.square().sum()
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)  # no counted token (or all -inf): none
+    w = torch.where(m, (log_r - shift).exp(), torch.zeros_like(log_r))
+    return top, w.sum(), w.square().sum()
+
+
+def ess_from_sums(s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``(sum w)^2 / (n sum w^2)`` from :func:`_ess_sums`' ``s1``, ``s2`` and the token count ``n``, clamped at 1
+    (``n sum w^2 >= 1`` when the largest weight is 1); 1 without a counted token."""
     ess = (s1 * s1 / (count * s2)).clamp(max=1.0)
     return torch.where(count > 0, ess, torch.ones_like(ess))

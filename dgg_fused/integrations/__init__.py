@@ -80,18 +80,11 @@ class DriftAccumulator:
         """Add one micro-batch (see :func:`dgg_fused.drift_stats` for the arguments and their checks)."""
         import torch
 
-        from ..drift import drift_stats
+        from ..drift import drift_partials
 
-        st = drift_stats(logp_new, logp_old, mask, clip_eps=clip_eps)  # validates the arguments
-        log_r = logp_new.detach().to(torch.float32) - logp_old.detach().to(device=logp_new.device, dtype=torch.float32)
-        m = torch.ones_like(log_r, dtype=torch.bool) if mask is None else mask.detach().to(log_r.device) != 0
-        n = m.sum().to(torch.float32)
-        neg_inf = torch.full((), float("-inf"), dtype=torch.float32, device=log_r.device)
-        top = torch.where(m, log_r, neg_inf).amax() if log_r.numel() else neg_inf
-        shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-        w = torch.where(m, (log_r - shift).exp(), torch.zeros_like(log_r))  # relative to exp(top): every w <= 1
-        sums = torch.stack([st["approx_kl"] * n, st["clip_frac"] * n, st["log_ratio_m2"] * n, st["tv"] * n, n,
-                            w.sum(), w.square().sum()])
+        st, count, top, s1, s2 = drift_partials(logp_new, logp_old, mask, clip_eps)  # checks the arguments
+        sums = torch.stack([st["approx_kl"] * count, st["clip_frac"] * count, st["log_ratio_m2"] * count,
+                            st["tv"] * count, count, s1, s2])
         a = self._acc
         if a is not None:
             new_top = torch.maximum(a[2], top)
@@ -107,6 +100,8 @@ class DriftAccumulator:
         import torch
         import torch.distributed as dist
 
+        from ..drift import ess_from_sums
+
         acc, self._acc = self._acc, None
         if acc is None:
             raise RuntimeError("DriftAccumulator.record: no micro-batch was added for this optimizer step")
@@ -119,7 +114,5 @@ class DriftAccumulator:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         kl_sum, clip_sum, m2_sum, tv_sum, count, s1, s2 = sums.unbind()
         n = count.clamp(min=1.0)
-        ess = (s1 * s1 / (count * s2)).clamp(max=1.0)
-        ess = torch.where(count > 0, ess, torch.ones_like(ess))
         unwrap_gated(optimizer).record_drift(approx_kl=kl_sum / n, clip_frac=clip_sum / n, ratio_max=rmax,
-                                             ess=ess, log_ratio_m2=m2_sum / n, tv=tv_sum / n)
+                                             ess=ess_from_sums(s1, s2, count), log_ratio_m2=m2_sum / n, tv=tv_sum / n)
