@@ -38,12 +38,16 @@ def _input_embedding(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _input_weight(model: nn.Module) -> torch.Tensor | None:
+    emb = _input_embedding(model)
+    return getattr(emb, "weight", None) if emb is not None else None
+
+
 def is_tied(model: nn.Module, lm_head: nn.Module | torch.Tensor) -> bool:
     """True when the lm_head weight (``lm_head.weight``, or ``lm_head`` itself when it is a tensor) is the same
     tensor as the model's input embedding weight."""
-    emb = _input_embedding(model)
     w_out = lm_head if isinstance(lm_head, torch.Tensor) else getattr(lm_head, "weight", None)
-    w_in = getattr(emb, "weight", None) if emb is not None else None
+    w_in = _input_weight(model)
     return w_out is not None and w_in is not None and w_out is w_in
 
 
@@ -161,8 +165,7 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool | None = True) -> nn.Modul
             head = None
     rejected: list[str] = []
     if head is None:
-        emb = _input_embedding(model)
-        w_in = getattr(emb, "weight", None) if emb is not None else None
+        w_in = _input_weight(model)
         vocab = w_in.shape[0] if w_in is not None and w_in.dim() == 2 else None
         for name in _FALLBACK_NAMES:
             cand = getattr(model, name, None)
@@ -191,8 +194,7 @@ def find_lm_head(model: nn.Module, *, warn_tied: bool | None = True) -> nn.Modul
 def check_tied(model: nn.Module, head: nn.Module | Iterable[torch.Tensor], *, warn: bool = True) -> None:
     """When ``head`` (the output projection, or the parameters the gate watches) holds ``model``'s input embedding
     weight: :func:`report_tied` (``warn``) or :func:`accept_tied`."""
-    emb = _input_embedding(model)
-    w_in = getattr(emb, "weight", None) if emb is not None else None
+    w_in = _input_weight(model)
     weights = [getattr(head, "weight", None)] if isinstance(head, nn.Module) else list(head)
     if w_in is None or not any(w is w_in for w in weights):
         return
