@@ -283,9 +283,7 @@ def targets(rows: Sequence[dict[str, Any]], gate_arm: str) -> list[dict[str, Any
       (the CI is reported; ``strict`` when its lower end is > 1 too). Not applicable to ``kl`` itself.
     """
     out = []
-    lrs_by_task: dict[str, list[float]] = {}
-    for r in rows:
-        lrs_by_task.setdefault(r["task"], []).append(r["lr"])
+    lrs_by_task = _lrs(rows)
     for key in dict.fromkeys(_key(r) for r in rows):
         grp = [r for r in rows if _key(r) == key]
         if not any(r["arm"] == gate_arm for r in grp):
@@ -295,7 +293,7 @@ def targets(rows: Sequence[dict[str, Any]], gate_arm: str) -> list[dict[str, Any
         if fin is not None:
             t["final"] = fin
             t["final_met"] = fin.hi >= 0.0
-        lrs = sorted(set(lrs_by_task[key[0]]))
+        lrs = lrs_by_task[key[0]]
         if len(lrs) > 1 and key[1] == lrs[-1]:
             xa, xb = _paired(grp, gate_arm, "k1", "final_j")
             if xa:

@@ -200,8 +200,9 @@ class DGGGRPOTrainer(GRPOTrainer):
             sources["the GatedOptimizer passed through optimizers= (its config=)"] = (cfg, cfg.to_dict())
         if dgg_config is not None:
             sources["dgg_config="] = (dgg_config, dgg_config.to_dict())
-        if from_args and targs.gate_settings():
-            sources["the DGGGRPOConfig's dgg_* fields"] = (targs.gate_config(), targs.gate_settings())
+        settings = targs.gate_settings() if from_args else {}
+        if settings:
+            sources["the DGGGRPOConfig's dgg_* fields"] = (targs.gate_config(), settings)
         named = list(sources.items())
         clash = sorted({n for i, (_, (_, a)) in enumerate(named) for _, (_, b) in named[i + 1:]
                         for n in a.keys() & b.keys() if a[n] != b[n]})
