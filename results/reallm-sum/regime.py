@@ -9,7 +9,7 @@ import json
 import statistics
 import sys
 
-FINAL_BATCHES = 5  # "final J": the mean J of the last 5 rollout batches (dgg_fused.demo.report, docs/demo.md)
+from dgg_fused.demo.report import FINAL_BATCHES  # "final J": the mean J of the last FINAL_BATCHES rollout batches
 
 final = {}
 for line in open(sys.argv[1]):
